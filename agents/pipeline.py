@@ -1,0 +1,272 @@
+"""The hot path: ``Pipeline.handle(batch)`` runs every stage over one batch.
+
+The logical stages (ingest → identity → profile → outputs) run fused, a batch at a
+time, because each state change is an atomic, idempotent single-slot Redis step and
+every extra Kafka hop would cost throughput. Per batch:
+
+1. ingest (pure): parse and validate each record; rejects become dead letters.
+2. identity: ONE pipelined Redis round trip reads the owners of the batch's
+   identifiers; assignment to profiles is pure.
+3. profile: ONE pipelined Redis round trip claims new identifiers (``SET NX``) and
+   runs the ``APPLY_EVENT`` Lua step per event (dedupe + update, atomic per event).
+4. outputs: dead letters and ``cdp.events.resolved`` records are enqueued without
+   awaiting each, then awaited together.
+
+``handle`` returns when every effect of the batch is stored and every output is
+acknowledged, so the caller may then commit the batch's offsets. Each record ends
+either processed or dead-lettered with a reason. An unexpected error inside a step
+for one event dead-letters that event (``processing_error``); Redis or Kafka being
+unavailable is retried with backoff and never acks anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from agents.identity import core as identity
+from agents.ingest.core import PROCESSING_ERROR, Accepted, Rejected, split_batch
+from agents.profiles.store import APPLY_EVENT, ApplyStatus, apply_event_call
+from schemas.events import Event
+from streams.deadletter import dead_letter
+from streams.keys import identifier_key, new_profile_id
+from streams.metrics import Metrics
+from streams.output import Producer, deliver
+from streams.records import OutboundMessage, Record
+from streams.settings import Settings
+from streams.topics import RESOLVED
+
+log = logging.getLogger(__name__)
+
+STORE_ERROR = "store_error"
+_BACKOFF_START_S = 0.1
+_BACKOFF_MAX_S = 5.0
+
+
+@dataclass(slots=True)
+class BatchResult:
+    processed: int = 0
+    dead_lettered: int = 0
+    redelivered: int = 0
+    resent: int = 0
+    outputs: list[OutboundMessage] = field(default_factory=list)
+
+
+class Pipeline:
+    """The fused hot path over a Redis client and an output producer."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis,
+        producer: Producer,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.producer = producer
+        self.metrics = metrics
+        self._clock = clock
+        self._apply_sha: str | None = None
+        self._dedupe_ttl_s = max(1, int(settings.dedupe_ttl_s))
+        self.ready = False
+
+    async def handle(self, batch: Sequence[Record]) -> BatchResult:
+        """Process one batch; return when its effects are stored and outputs acked."""
+        result = BatchResult()
+        if not batch:
+            return result
+        metrics = self.metrics
+        metrics.batch_size.observe(len(batch))
+        for record in batch:
+            metrics.events_consumed.labels(record.topic).inc()
+        now_ms = int(self._clock() * 1000)
+
+        started = time.perf_counter()
+        accepted, rejected = split_batch(batch, default_region=self.settings.phone_default_region)
+        metrics.stage_latency.labels("ingest").observe(time.perf_counter() - started)
+
+        outputs = [self._dead_letter(r, now_ms) for r in rejected]
+        if accepted:
+            outputs.extend(await self._resolve_and_apply(accepted, now_ms, result))
+        result.dead_lettered = sum(1 for m in outputs if m.topic != RESOLVED)
+
+        started = time.perf_counter()
+        await deliver(self.producer, outputs, metrics)
+        metrics.stage_latency.labels("output").observe(time.perf_counter() - started)
+
+        done_ms = self._clock() * 1000
+        metrics.events_processed.inc(result.processed)
+        for record in batch:
+            metrics.end_to_end_latency.observe(max(0.0, (done_ms - record.timestamp_ms) / 1000))
+        result.outputs = outputs
+        return result
+
+    async def handle_safely(self, batch: Sequence[Record]) -> BatchResult:
+        """``handle``, but an unexpected error never loses or silently acks a record.
+
+        The batch is acked as a whole by its caller, so if ``handle`` fails on
+        something other than an outage (a bug met by some input), each record is
+        handled alone; a record that still fails goes to the dead-letter topic with
+        reason ``processing_error``. Effects are idempotent, so records of the batch
+        that had been applied before the failure are not applied twice.
+        """
+        try:
+            return await self.handle(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - isolated below, record by record
+            log.exception("batch of %d failed; handling its records one by one", len(batch))
+        total = BatchResult()
+        for record in batch:
+            try:
+                one = await self.handle([record])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - dead-lettered with the reason
+                log.exception("record %s failed; dead-lettering it", record.origin)
+                message = self._dead_letter(
+                    Rejected(record, PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"[:500]),
+                    int(self._clock() * 1000),
+                )
+                await deliver(self.producer, [message], self.metrics)
+                total.dead_lettered += 1
+                continue
+            total.processed += one.processed
+            total.dead_lettered += one.dead_lettered
+            total.redelivered += one.redelivered
+            total.resent += one.resent
+            total.outputs.extend(one.outputs)
+        return total
+
+    async def _resolve_and_apply(
+        self, accepted: list[Accepted], now_ms: int, result: BatchResult
+    ) -> list[OutboundMessage]:
+        events = [a.event for a in accepted]
+        hash_key = self.settings.id_hash_key
+
+        started = time.perf_counter()
+        lookup = identity.identifiers_to_look_up(events)
+        values = await self._redis("identity", self._read_owners, lookup)
+        owners = {i: (v.decode() if v is not None else None) for i, v in zip(lookup, values)}
+        assignments = identity.assign(events, owners, lambda i: new_profile_id(i, hash_key))
+        self.metrics.stage_latency.labels("identity").observe(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        replies = await self._redis("profile", self._apply, accepted, assignments, now_ms)
+        self.metrics.stage_latency.labels("profile").observe(time.perf_counter() - started)
+
+        outputs: list[OutboundMessage] = []
+        for item, assignment, reply in zip(accepted, assignments, replies):
+            if isinstance(reply, Exception):
+                log.error("store step failed for %s: %s", item.record.origin, reply)
+                outputs.append(self._dead_letter(Rejected(item.record, STORE_ERROR, str(reply)), now_ms))
+                continue
+            status = ApplyStatus(int(reply))
+            if status is ApplyStatus.RESENT:
+                result.resent += 1
+                self.metrics.duplicates.labels("resend").inc()
+                continue
+            if status is ApplyStatus.REDELIVERED:
+                result.redelivered += 1
+                self.metrics.duplicates.labels("redelivery").inc()
+            elif status is ApplyStatus.APPLIED_NEW:
+                self.metrics.profiles_created.inc()
+            result.processed += 1
+            if self.settings.emit_resolved:
+                outputs.append(resolved_message(item, assignment.profile_id))
+        return outputs
+
+    async def _read_owners(self, lookup: list) -> list:
+        if not lookup:
+            return []
+        hash_key = self.settings.id_hash_key
+        return await self.redis.mget([identifier_key(i, hash_key) for i in lookup])
+
+    async def _apply(self, accepted: list[Accepted], assignments: list[identity.Assignment], now_ms: int) -> list:
+        """One pipelined round trip: claims and one APPLY_EVENT per event.
+
+        Returns one reply per event: its ApplyStatus code, or the exception Redis
+        answered for that event's step.
+        """
+        if self._apply_sha is None:
+            self._apply_sha = await self.redis.script_load(APPLY_EVENT)
+        hash_key = self.settings.id_hash_key
+        positions: list[int] = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item, assignment in zip(accepted, assignments):
+                for identifier in assignment.claims:
+                    pipe.set(identifier_key(identifier, hash_key), assignment.profile_id, nx=True)
+                keys, args = apply_event_call(
+                    item.event, assignment.profile_id, item.record.origin,
+                    dedupe_ttl_s=self._dedupe_ttl_s, now_ms=now_ms,
+                )
+                positions.append(len(pipe.command_stack))
+                pipe.evalsha(self._apply_sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        event_replies = [replies[p] for p in positions]
+        if any(isinstance(r, NoScriptError) for r in event_replies):
+            # Redis lost its script cache (restart, SCRIPT FLUSH): nothing of this
+            # step ran but the idempotent claims; load the script and run it again.
+            self._apply_sha = None
+            raise NoScriptError("APPLY_EVENT script not loaded")
+        return event_replies
+
+    async def _redis(self, op: str, step, *args):
+        """Run one Redis round trip, retrying on connection trouble until it works."""
+        backoff = _BACKOFF_START_S
+        while True:
+            started = time.perf_counter()
+            try:
+                value = await step(*args)
+            except (RedisConnectionError, RedisTimeoutError, NoScriptError, OSError) as exc:
+                self.metrics.redis_errors.labels(op).inc()
+                self.ready = False
+                log.warning("Redis %s step failed (%s: %s); retrying in %.1fs", op, type(exc).__name__, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            except ResponseError as exc:
+                # A whole-round-trip error that is not about one event (e.g. OOM,
+                # READONLY replica): not the input's fault, so retry as well.
+                self.metrics.redis_errors.labels(op).inc()
+                log.error("Redis %s step refused (%s); retrying in %.1fs", op, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            self.metrics.redis_latency.labels(op).observe(time.perf_counter() - started)
+            self.ready = True
+            return value
+
+    def _dead_letter(self, rejected: Rejected, now_ms: int) -> OutboundMessage:
+        self.metrics.dead_letters.labels(rejected.reason).inc()
+        return dead_letter(rejected.record, rejected.reason, rejected.detail, rejected.field, now_ms)
+
+
+def resolved_message(item: Accepted, profile_id: str) -> OutboundMessage:
+    """The accepted event, republished with its profile id, keyed by profile id."""
+    event: Event = item.event
+    record = item.record
+    value = orjson.dumps(
+        {
+            "profileId": profile_id,
+            "messageId": event.message_id,
+            "type": event.type,
+            "channel": event.channel,
+            "timestamp": event.timestamp_ms,
+            "identifiers": [str(i) for i in event.identifiers],
+            "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+            "event": event.payload,
+        }
+    )
+    return OutboundMessage(RESOLVED, profile_id.encode(), value)

@@ -1,0 +1,148 @@
+"""``streamcdp``: the command line.
+
+Every command has ``--help``; every error names what was wrong and exits non-zero.
+Configuration comes from ``CDP_*`` environment variables (see ``streams.settings``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import orjson
+
+from schemas.errors import ConfigError, StreamCDPError
+from streams.settings import LOG_LEVELS, Settings
+
+log = logging.getLogger("streamcdp")
+
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNAVAILABLE = 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        settings = Settings.from_env()
+        return args.run(args, settings)
+    except ConfigError as exc:
+        print(f"streamcdp: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StreamCDPError as exc:
+        print(f"streamcdp: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ConnectionError, OSError) as exc:
+        print(f"streamcdp: cannot reach a required service: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamcdp",
+        description="streamcdp: a real-time Customer Data Platform on Kafka and Redis.",
+        epilog="Configuration: CDP_KAFKA_BOOTSTRAP, CDP_REDIS_URL, CDP_WEB_PORT, ... (see README).",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    worker = commands.add_parser("worker", help="run the stream-processing worker (foreground)")
+    worker.add_argument("--loglevel", choices=LOG_LEVELS, help="override CDP_LOG_LEVEL")
+    worker.set_defaults(run=_run_worker)
+
+    collector = commands.add_parser(
+        "collector",
+        help="run the HTTP collector for Segment/RudderStack SDKs (foreground)",
+        description="Serve the Segment-compatible HTTP Tracking API on CDP_COLLECTOR_PORT; "
+        "write keys from CDP_WRITE_KEYS (KEY=channel,...) or CDP_WRITE_KEYS_FILE.",
+    )
+    collector.set_defaults(run=_run_collector)
+
+    topics = commands.add_parser("topics", help="Kafka topics streamcdp uses")
+    topics_commands = topics.add_subparsers(title="topics commands", metavar="ACTION")
+    create = topics_commands.add_parser("create", help="create the missing topics and exit")
+    create.set_defaults(run=_run_topics_create)
+    listing = topics_commands.add_parser("list", help="print the topics streamcdp declares")
+    listing.set_defaults(run=_run_topics_list)
+
+    profile = commands.add_parser("profile", help="read profiles")
+    profile_commands = profile.add_subparsers(title="profile commands", metavar="ACTION")
+    get = profile_commands.add_parser(
+        "get",
+        help="print a profile as JSON",
+        description="Print the profile with this id (p_...) or owning this identifier (type:value, "
+        "e.g. email:ann@example.com, phone:+14155550100, user_id:u-17). Exits 3 when there is none.",
+    )
+    get.add_argument("id_or_identifier", metavar="ID_OR_IDENTIFIER")
+    get.set_defaults(run=_run_profile_get)
+    return parser
+
+
+def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streamcdp.runner import run_worker
+
+    if args.loglevel:
+        settings = Settings.from_env(log_level=args.loglevel)
+    return run_worker(settings)
+
+
+def _run_collector(args: argparse.Namespace, settings: Settings) -> int:
+    from streamcdp.collector.server import run_collector
+
+    return run_collector(settings)
+
+
+def _run_topics_create(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.logs import configure
+    from streams.topics import ensure_topics
+
+    configure(settings.log_format, "warn")
+    created = asyncio.run(ensure_topics(settings))
+    print(orjson.dumps({"created": created}).decode())
+    return 0
+
+
+def _run_topics_list(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.topics import all_topics
+
+    for spec in all_topics():
+        print(spec.name + ("  (compacted)" if spec.compacted else ""))
+    return 0
+
+
+def _run_profile_get(args: argparse.Namespace, settings: Settings) -> int:
+    import redis.asyncio as aioredis
+
+    from agents.profiles.store import lookup_profile
+
+    async def fetch():
+        client = aioredis.from_url(settings.redis_url)
+        try:
+            return await lookup_profile(
+                client, args.id_or_identifier, hash_key=settings.id_hash_key, default_region=settings.phone_default_region
+            )
+        finally:
+            await client.aclose()
+
+    try:
+        profile = asyncio.run(fetch())
+    except Exception as exc:
+        if type(exc).__module__.startswith("redis"):
+            raise ConnectionError(f"Redis at {Settings.redacted(settings)['redis_url']}: {exc}") from exc
+        raise
+    if profile is None:
+        print(f"streamcdp: no profile for {args.id_or_identifier!r}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    sys.stdout.write(orjson.dumps(profile, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Runtime configuration, read from environment variables with working local defaults.
+
+Settings are built explicitly (``Settings.from_env()``) by the composition root and
+passed down; nothing in this package reads the environment at import time. A value
+that cannot be parsed fails loudly with :class:`schemas.errors.ConfigError` naming
+the variable.
+
+| variable | default | meaning |
+|---|---|---|
+| CDP_KAFKA_BOOTSTRAP | localhost:9092 | Kafka bootstrap servers, comma separated |
+| CDP_REDIS_URL | redis://localhost:6379/0 | Redis URL (``rediss://`` for TLS) |
+| CDP_TOPIC_PARTITIONS | 8 | partitions of every topic streamcdp creates |
+| CDP_TOPIC_REPLICATION | 1 | replication factor of the topics it creates |
+| CDP_WEB_PORT | 6066 | worker HTTP port (/metrics, /healthz, /readyz, /v1/profiles) |
+| CDP_WEB_HOST | 0.0.0.0 | worker HTTP bind address |
+| CDP_COLLECTOR_PORT | 8088 | HTTP collector port |
+| CDP_APP_ID | streamcdp | faust app id = Kafka consumer group |
+| CDP_PHONE_DEFAULT_REGION | US | region for phone numbers written without a country code |
+| CDP_DEDUPE_TTL | 7d | how long a messageId is remembered for de-duplication |
+| CDP_BATCH_MAX | 500 | most events handled as one batch |
+| CDP_BATCH_WITHIN_MS | 10 | longest wait to fill a batch |
+| CDP_EMIT_RESOLVED | true | publish each accepted event with its profile id on cdp.events.resolved |
+| CDP_ID_HASH_KEY | (empty) | secret key for the keyed hashes that name identifier keys in Redis |
+| CDP_LOG_FORMAT | text | ``json`` for one JSON object per log line |
+| CDP_LOG_LEVEL | info | crit, error, warn, info, debug |
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from urllib.parse import urlsplit, urlunsplit
+
+from schemas.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+LOG_LEVELS = ("crit", "error", "warn", "info", "debug")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"30"``, ``"250ms"``, ``"5s"``, ``"10m"``, ``"2h"`` or ``"7d"``.
+
+    >>> parse_duration("7d")
+    604800.0
+    """
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 30s, 10m, 2h, 7d)")
+    return float(int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise ValueError(f"not a TCP port: {value}")
+    return value
+
+
+def _choice(*allowed: str):
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _region(text: str) -> str:
+    value = text.strip().upper()
+    if not re.fullmatch(r"[A-Z]{2}", value):
+        raise ValueError(f"not an ISO 3166 alpha-2 region code: {text!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    kafka_bootstrap: str = "localhost:9092"
+    redis_url: str = "redis://localhost:6379/0"
+    topic_partitions: int = 8
+    topic_replication: int = 1
+    web_port: int = 6066
+    web_host: str = "0.0.0.0"
+    collector_port: int = 8088
+    app_id: str = "streamcdp"
+    phone_default_region: str = "US"
+    dedupe_ttl_s: float = 7 * 86400.0
+    batch_max: int = 500
+    batch_within_ms: int = 10
+    emit_resolved: bool = True
+    id_hash_key: str = ""
+    log_format: str = "text"
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Build settings from ``env`` (default: ``os.environ``); ``overrides`` win."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for name, (variable, parse) in _ENV.items():
+            raw = env.get(variable)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{variable}={raw!r}: {exc}") from None
+        values.update(overrides)
+        return cls(**values)
+
+    def kafka_url(self) -> str:
+        """The bootstrap list as a faust broker URL (``kafka://h1:9092;h2:9092``)."""
+        return "kafka://" + ";".join(s.strip() for s in self.kafka_bootstrap.split(","))
+
+    def bootstrap_servers(self) -> list[str]:
+        return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]
+
+    def redacted(self) -> dict[str, object]:
+        """The settings for logs and ``--help`` output, secrets masked."""
+        shown: dict[str, object] = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "redis_url":
+                value = mask_url_password(str(value))
+            elif field.name == "id_hash_key":
+                value = "***" if value else ""
+            shown[field.name] = value
+        return shown
+
+
+def mask_url_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+_ENV = {
+    "kafka_bootstrap": ("CDP_KAFKA_BOOTSTRAP", str.strip),
+    "redis_url": ("CDP_REDIS_URL", str.strip),
+    "topic_partitions": ("CDP_TOPIC_PARTITIONS", _positive_int),
+    "topic_replication": ("CDP_TOPIC_REPLICATION", _positive_int),
+    "web_port": ("CDP_WEB_PORT", _port),
+    "web_host": ("CDP_WEB_HOST", str.strip),
+    "collector_port": ("CDP_COLLECTOR_PORT", _port),
+    "app_id": ("CDP_APP_ID", str.strip),
+    "phone_default_region": ("CDP_PHONE_DEFAULT_REGION", _region),
+    "dedupe_ttl_s": ("CDP_DEDUPE_TTL", parse_duration),
+    "batch_max": ("CDP_BATCH_MAX", _positive_int),
+    "batch_within_ms": ("CDP_BATCH_WITHIN_MS", _positive_int),
+    "emit_resolved": ("CDP_EMIT_RESOLVED", _bool),
+    "id_hash_key": ("CDP_ID_HASH_KEY", str),
+    "log_format": ("CDP_LOG_FORMAT", _choice("text", "json")),
+    "log_level": ("CDP_LOG_LEVEL", _choice(*LOG_LEVELS)),
+}
