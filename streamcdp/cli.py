@@ -65,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     collector.set_defaults(run=_run_collector)
 
+    generate = commands.add_parser(
+        "generate",
+        help="produce realistic synthetic web/app/POS traffic",
+        description="Produce synthetic Segment Spec events for a population of people who browse, "
+        "identify, use the app and buy online and in store, to cdp.events.{web,app,pos}.",
+    )
+    generate.add_argument("--count", type=int, default=1000, help="events to produce (default 1000)")
+    generate.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+    generate.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same events")
+    generate.add_argument("--bad-ratio", type=float, default=0.0, help="share of malformed records, 0..1 (default 0)")
+    generate.set_defaults(run=_run_generate)
+
     topics = commands.add_parser("topics", help="Kafka topics streamcdp uses")
     topics_commands = topics.add_subparsers(title="topics commands", metavar="ACTION")
     create = topics_commands.add_parser("create", help="create the missing topics and exit")
@@ -97,6 +109,15 @@ def _run_collector(args: argparse.Namespace, settings: Settings) -> int:
     from streamcdp.collector.server import run_collector
 
     return run_collector(settings)
+
+
+def _run_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from streamcdp.generate import run_generate
+
+    if args.count < 0 or not 0.0 <= args.bad_ratio <= 1.0 or (args.rate is not None and args.rate <= 0):
+        print("streamcdp: --count must be >= 0, --rate > 0, --bad-ratio within 0..1", file=sys.stderr)
+        return EXIT_USAGE
+    return run_generate(settings, args.count, args.rate, args.seed, args.bad_ratio)
 
 
 def _run_topics_create(args: argparse.Namespace, settings: Settings) -> int:

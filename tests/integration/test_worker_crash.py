@@ -1,0 +1,90 @@
+"""SIGKILL the worker mid-stream, restart it, and check that nothing was lost and
+nothing counted twice: every profile's event count equals its input exactly, and
+every input event has a resolved output (duplicates only as redeliveries of the
+same record, which carry the same messageId)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections import Counter
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from agents.profiles.store import lookup_profile
+from streams.topics import EVENTS_APP, EVENTS_WEB, RESOLVED
+from tests.conftest import identify, track, unique
+from tests.integration.conftest import WorkerProcess, _redis_url_with_db, produce, start_group_at_end
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+CRASH_DB = 13
+USERS = 40
+EVENTS = 3000
+KILLS = 2
+
+
+async def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(infra, producer, topic_reader):
+    settings = dataclasses.replace(
+        infra, redis_url=_redis_url_with_db(infra.redis_url, CRASH_DB), app_id=unique("streamcdp-crash"), batch_max=200
+    )
+    store = aioredis.from_url(settings.redis_url)
+    await store.flushdb()
+    resolved = await topic_reader(RESOLVED)
+    await start_group_at_end(settings, settings.app_id)
+    worker = WorkerProcess(settings, "worker-crash")
+    worker.start()
+    await worker.wait_ready()
+
+    rng = random.Random(7)
+    users = [unique("crash-u") for _ in range(USERS)]
+    expected: Counter[str] = Counter()
+    message_ids: set[str] = set()
+    chunks = 30
+    kill_at = {chunks * (k + 1) // (KILLS + 1) for k in range(KILLS)}
+    try:
+        for chunk in range(chunks):
+            batch = []
+            for _ in range(EVENTS // chunks):
+                user = rng.choice(users)
+                event = identify(userId=user, traits={"n": rng.randint(0, 9)}) if rng.random() < 0.2 else track(userId=user, anonymousId=None)
+                batch.append((user, event))
+                expected[user] += 1
+                message_ids.add(event["messageId"])
+            for user, event in batch:
+                await producer.send(rng.choice((EVENTS_WEB, EVENTS_APP)), orjson.dumps(event), key=user.encode())
+            await producer.flush()
+            if chunk in kill_at:
+                await asyncio.sleep(rng.uniform(0.05, 0.4))  # somewhere inside a batch
+                worker.kill()
+                worker.start()
+                await worker.wait_ready()
+            else:
+                await asyncio.sleep(0.05)
+
+        counts: dict[str, int] = {}
+        for _ in range(240):  # wait (bounded) until every event is applied
+            counts = {}
+            for user in users:
+                profile = await lookup_profile(store, f"user_id:{user}", hash_key=settings.id_hash_key, default_region="US")
+                counts[user] = profile["eventCount"] if profile else 0
+            if sum(counts.values()) >= EVENTS:
+                break
+            await asyncio.sleep(0.5)
+        assert counts == dict(expected), "every profile's event count must equal its input exactly"
+
+        found = await resolved.collect(lambda r: orjson.loads(r.value)["messageId"] in message_ids, EVENTS, timeout_s=60)
+        await resolved.drain(quiet_s=2.0)
+        ours = [orjson.loads(r.value) for r in resolved.seen if orjson.loads(r.value)["messageId"] in message_ids]
+        assert {o["messageId"] for o in ours} == message_ids, "every event has a resolved output"
+        by_id: dict[str, set] = {}
+        for o in ours:
+            by_id.setdefault(o["messageId"], set()).add((o["source"]["topic"], o["source"]["partition"], o["source"]["offset"]))
+        assert all(len(origins) == 1 for origins in by_id.values()), "a repeated output is only ever a redelivery of one record"
+        assert len(found) >= EVENTS
+    finally:
+        worker.stop()
+        await store.aclose()

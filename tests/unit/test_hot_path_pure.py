@@ -1,0 +1,102 @@
+"""Pure parts of the hot path: ingest split, dead-letter records, key layout, the
+arguments of the profile Lua step, resolved messages, JSON logs."""
+
+import logging
+
+import orjson
+
+from agents.ingest.core import PROCESSING_ERROR, Accepted, Rejected, split_batch, validate
+from agents.pipeline import resolved_message
+from agents.profiles.store import apply_event_call
+from schemas.events import Identifier, parse_event
+from streams.deadletter import dead_letter, header_map
+from streams.keys import ProfileKeys, identifier_key, new_profile_id
+from streams.logs import JsonFormatter, logging_config
+from streams.records import Record
+from streams.topics import DEAD_LETTER, RESOLVED, channel_of
+
+
+def rec(value, offset=0, topic="cdp.events.pos"):
+    return Record(topic, 2, offset, b"k", value, 1_700_000_000_000)
+
+
+def test_split_keeps_order_and_reasons():
+    ok = orjson.dumps({"type": "track", "event": "x", "userId": "u"})
+    accepted, rejected = split_batch([rec(b"{", 0), rec(ok, 1), rec(None, 2)], default_region="US")
+    assert [a.record.offset for a in accepted] == [1]
+    assert accepted[0].event.channel == "pos"
+    assert [(r.record.offset, r.reason) for r in rejected] == [(0, "invalid_json"), (2, "empty")]
+
+
+def test_a_parser_crash_becomes_a_processing_error_dead_letter(monkeypatch):
+    import agents.ingest.core as core
+
+    def boom(*args, **kwargs):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(core, "parse_event", boom)
+    result = validate(rec(b"{}"), default_region="US")
+    assert isinstance(result, Rejected) and result.reason == PROCESSING_ERROR
+    assert "KeyError" in result.detail
+
+
+def test_dead_letter_keeps_bytes_and_says_why():
+    r = rec(b"\xff\x00raw", offset=42)
+    m = dead_letter(r, "invalid_utf8", "byte 0", None, 5)
+    assert (m.topic, m.key, m.value) == (DEAD_LETTER, b"k", b"\xff\x00raw")
+    h = header_map(m.headers)
+    assert h["cdp.dlq.reason"] == "invalid_utf8"
+    assert (h["cdp.dlq.source.topic"], h["cdp.dlq.source.partition"], h["cdp.dlq.source.offset"]) == ("cdp.events.pos", "2", "42")
+    assert "cdp.dlq.field" not in h
+    assert header_map(dead_letter(r, "schema_violation", "bad", "userId", 5).headers)["cdp.dlq.field"] == "userId"
+
+
+def test_keys_share_the_profile_slot_and_hide_identifier_values():
+    keys = ProfileKeys("p_abc")
+    tags = {k[k.index("{"):k.index("}") + 1] for k in (keys.meta, keys.traits, keys.traits_ts, keys.ids, keys.seen("m1"))}
+    assert tags == {"{p_abc}"}
+    email = Identifier("email", "ann@example.com")
+    key = identifier_key(email, "")
+    assert "ann" not in key and key.startswith("cdp:id:{")
+    assert identifier_key(email, "") != identifier_key(email, "other-secret")
+    assert new_profile_id(email, "") == new_profile_id(email, "") != new_profile_id(Identifier("email", "bob@example.com"), "")
+    assert len(keys.seen("x" * 1000)) < 200
+
+
+def test_apply_event_arguments():
+    event = parse_event(
+        orjson.dumps({"type": "alias", "userId": "u1", "previousId": "a1", "messageId": "m1",
+                      "timestamp": "2026-11-20T10:00:00Z", "context": {"traits": {"plan": "pro", "address": {"city": "Oslo"}}}}),
+        channel="web", fallback_timestamp_ms=0,
+    )
+    keys, args = apply_event_call(event, "p_1", "t/0/5", dedupe_ttl_s=60, now_ms=99)
+    assert keys == [ProfileKeys("p_1").meta, ProfileKeys("p_1").traits, ProfileKeys("p_1").traits_ts, ProfileKeys("p_1").ids, ProfileKeys("p_1").seen("m1")]
+    assert args[:6] == ["t/0/5", 60, event.timestamp_ms, 99, "p_1", 2]
+    assert args[6:10] == ["plan", b'"pro"', "address", b'{"city":"Oslo"}']
+    assert args[10:] == ["user_id:u1"], "previous_id is looked up, never stored as an identifier"
+
+
+def test_resolved_message_carries_profile_and_source():
+    raw = orjson.dumps({"type": "track", "event": "x", "userId": "u", "messageId": "m9"})
+    [item], _ = split_batch([rec(raw, 7)], default_region="US")
+    assert isinstance(item, Accepted)
+    m = resolved_message(item, "p_9")
+    body = orjson.loads(m.value)
+    assert (m.topic, m.key) == (RESOLVED, b"p_9")
+    assert body["profileId"] == "p_9" and body["messageId"] == "m9"
+    assert body["source"] == {"topic": "cdp.events.pos", "partition": 2, "offset": 7}
+    assert body["event"]["event"] == "x"
+
+
+def test_channel_of():
+    assert channel_of("cdp.events.web") == "web"
+    assert channel_of("cdp.events.crm") == "crm"
+
+
+def test_json_log_lines():
+    record = logging.LogRecord("agents.pipeline", logging.WARNING, __file__, 1, "hello %s", ("there",), None)
+    record.topic = "cdp.events.web"
+    line = orjson.loads(JsonFormatter().format(record))
+    assert line["msg"] == "hello there" and line["level"] == "warning" and line["topic"] == "cdp.events.web"
+    assert line["ts"].endswith("Z")
+    assert logging_config("json", "warn")["root"]["level"] == "WARNING"
