@@ -10,6 +10,11 @@ stop() {
   wait || true
 }
 trap stop INT TERM EXIT
+if [ -z "${CDP_WRITE_KEYS:-}" ] && [ -z "${CDP_WRITE_KEYS_FILE:-}" ]; then
+  # Local demo only: a well-known write key, announced. Set CDP_WRITE_KEYS for anything else.
+  export CDP_WRITE_KEYS="dev=web"
+  echo "streamcdp: CDP_WRITE_KEYS not set; the collector accepts the demo write key 'dev' (channel web)" >&2
+fi
 echo "streamcdp: worker on http://127.0.0.1:${CDP_WEB_PORT:-6066} (/metrics, /readyz, /v1/profiles), collector on http://127.0.0.1:${CDP_COLLECTOR_PORT:-8088} (/v1/batch ...)"
 "$BIN/streamcdp" collector & pids+=($!)
 "$BIN/streamcdp" worker & pids+=($!)
