@@ -32,12 +32,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from agents.identity import core as identity
+from agents.identity.graph import PREVIOUS_ID, Plan, plan_batch
+from agents.identity.rules import IdentityRules
+from agents.identity.store import AbsorbedState, IdentityStore, blocked_message, merge_message
 from agents.ingest.core import PROCESSING_ERROR, Accepted, Rejected, split_batch
 from agents.profiles.store import APPLY_EVENT, ApplyStatus, apply_event_call
-from schemas.events import Event
+from schemas.events import Event, Identifier
 from streams.deadletter import dead_letter
-from streams.keys import identifier_key, new_profile_id
+from streams.keys import ProfileKeys, identifier_key, new_profile_id
 from streams.metrics import Metrics
 from streams.output import Producer, deliver
 from streams.records import OutboundMessage, Record
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 STORE_ERROR = "store_error"
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 5.0
+# Rounds of re-resolution a batch may need when other workers merge or claim under it.
+_MAX_ROUNDS = 8
 
 
 @dataclass(slots=True)
@@ -70,9 +74,12 @@ class Pipeline:
         producer: Producer,
         metrics: Metrics,
         *,
+        rules: IdentityRules | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.rules = rules if rules is not None else IdentityRules.load(settings.identity_rules or None)
+        self.identity = IdentityStore(redis, self.rules, settings.id_hash_key)
         self.redis = redis
         self.producer = producer
         self.metrics = metrics
@@ -152,27 +159,50 @@ class Pipeline:
     async def _resolve_and_apply(
         self, accepted: list[Accepted], now_ms: int, result: BatchResult
     ) -> list[OutboundMessage]:
-        events = [a.event for a in accepted]
-        hash_key = self.settings.id_hash_key
-
-        started = time.perf_counter()
-        lookup = identity.identifiers_to_look_up(events)
-        values = await self._redis("identity", self._read_owners, lookup)
-        owners = {i: (v.decode() if v is not None else None) for i, v in zip(lookup, values)}
-        assignments = identity.assign(events, owners, lambda i: new_profile_id(i, hash_key))
-        self.metrics.stage_latency.labels("identity").observe(time.perf_counter() - started)
-
-        started = time.perf_counter()
-        replies = await self._redis("profile", self._apply, accepted, assignments, now_ms)
-        self.metrics.stage_latency.labels("profile").observe(time.perf_counter() - started)
-
+        """Identity, then the profile step, repeated for the events whose profile was
+        merged away under them (MOVED) or whose new identifier another worker claimed
+        first (they are resolved again, which merges the two profiles if allowed)."""
         outputs: list[OutboundMessage] = []
-        for item, assignment, reply in zip(accepted, assignments, replies):
-            if isinstance(reply, Exception):
-                log.error("store step failed for %s: %s", item.record.origin, reply)
-                outputs.append(self._dead_letter(Rejected(item.record, STORE_ERROR, str(reply)), now_ms))
+        first: list[ApplyStatus | Exception | None] = [None] * len(accepted)
+        profile_of: list[str] = [""] * len(accepted)
+        todo = list(range(len(accepted)))
+        for _ in range(_MAX_ROUNDS):
+            if not todo:
+                break
+            items = [accepted[i] for i in todo]
+            started = time.perf_counter()
+            plans, notes = await self._redis("identity", self._resolve, [a.event for a in items], now_ms)
+            outputs.extend(notes)
+            self.metrics.stage_latency.labels("identity").observe(time.perf_counter() - started)
+            started = time.perf_counter()
+            replies, lost = await self._redis("profile", self._apply, items, plans, now_ms)
+            self.metrics.stage_latency.labels("profile").observe(time.perf_counter() - started)
+            again = []
+            for k, i in enumerate(todo):
+                reply = replies[k]
+                if isinstance(reply, Exception):
+                    first[i] = reply
+                    continue
+                status = ApplyStatus(int(reply[0]))
+                if status is ApplyStatus.MOVED:
+                    self.metrics.identity_conflicts.labels("moved").inc()
+                    again.append(i)
+                    continue
+                if first[i] is None:
+                    first[i] = status
+                profile_of[i] = plans[k].profile_id
+                if lost[k]:
+                    self.metrics.identity_conflicts.labels("claim").inc()
+                    again.append(i)
+            todo = again
+        if todo:
+            raise RuntimeError(f"identity of {len(todo)} events did not settle in {_MAX_ROUNDS} rounds")
+
+        for item, status, profile_id in zip(accepted, first, profile_of):
+            if isinstance(status, Exception):
+                log.error("store step failed for %s: %s", item.record.origin, status)
+                outputs.append(self._dead_letter(Rejected(item.record, STORE_ERROR, str(status)), now_ms))
                 continue
-            status = ApplyStatus(int(reply))
             if status is ApplyStatus.RESENT:
                 result.resent += 1
                 self.metrics.duplicates.labels("resend").inc()
@@ -184,31 +214,76 @@ class Pipeline:
                 self.metrics.profiles_created.inc()
             result.processed += 1
             if self.settings.emit_resolved:
-                outputs.append(resolved_message(item, assignment.profile_id))
+                outputs.append(resolved_message(item, profile_id))
         return outputs
 
-    async def _read_owners(self, lookup: list) -> list:
-        if not lookup:
-            return []
+    async def _resolve(self, events: list[Event], now_ms: int) -> tuple[list[Plan], list[OutboundMessage]]:
+        """Plan the events' profiles; set parents and finish folds for the merges.
+        Returns the plans and the merge-blocked notices to publish."""
         hash_key = self.settings.id_hash_key
-        return await self.redis.mget([identifier_key(i, hash_key) for i in lookup])
+        for _ in range(_MAX_ROUNDS):
+            view, pending = await self.identity.read_view(events)
+            plans = plan_batch(events, view, self.rules, lambda i: new_profile_id(i, hash_key, now_ms))
+            merges = list({(m.absorbed, m.survivor): m for p in plans for m in p.merges}.values())
+            if merges and await self.identity.set_parents(merges, now_ms):
+                self.metrics.identity_conflicts.labels("parent").inc()
+                continue  # someone merged one of them meanwhile: read and plan again
+            absorbed = list(dict.fromkeys([m.absorbed for m in merges] + [n.profile_id for n in pending]))
+            if absorbed:
+                await self._fold(absorbed, now_ms)
+            notes = []
+            for plan in plans:
+                for blocked in plan.blocked:
+                    for identifier_type in blocked.types:
+                        self.metrics.identity_merges_blocked.labels(identifier_type).inc()
+                    notes.append(blocked_message(blocked, now_ms))
+            return plans, notes
+        raise RuntimeError(f"identity plan kept meeting concurrent merges ({_MAX_ROUNDS} rounds)")
 
-    async def _apply(self, accepted: list[Accepted], assignments: list[identity.Assignment], now_ms: int) -> list:
-        """One pipelined round trip: claims and one APPLY_EVENT per event.
+    async def _fold(self, absorbed: list[str], now_ms: int) -> None:
+        """Fold each absorbed profile into its root, publish the merge, clean up."""
+        states = [s for s in await self.identity.read_absorbed(absorbed) if s.meta.get("fold_pending") == "1"]
+        targets = [s.parent for s in states]
+        done: list[tuple[AbsorbedState, str, int]] = []
+        for _ in range(_MAX_ROUNDS):
+            if not states:
+                break
+            replies = await self.identity.fold(states, targets, now_ms)
+            moved_states, moved_targets = [], []
+            for state, target, (code, parent) in zip(states, targets, replies):
+                if code == ApplyStatus.MOVED:
+                    moved_states.append(state)
+                    moved_targets.append(parent)
+                else:
+                    done.append((state, target, code))
+            states, targets = moved_states, moved_targets
+        if states:
+            raise RuntimeError("a fold kept being redirected; merge chain still moving")
+        await deliver(self.producer, [merge_message(s, t) for s, t, _ in done], self.metrics)
+        self.metrics.identity_merges.inc(sum(1 for _, _, code in done if code == 1))
+        await self.identity.cleanup([s.profile_id for s, _, _ in done], now_ms)
 
-        Returns one reply per event: its ApplyStatus code, or the exception Redis
-        answered for that event's step.
-        """
+    async def _apply(self, items: list[Accepted], plans: list[Plan], now_ms: int) -> tuple[list, list[bool]]:
+        """One pipelined round trip: claims (SET NX GET) and one APPLY_EVENT per event.
+
+        Returns one reply per event (the Lua reply, or the exception Redis answered
+        for that event's step) and, per event, whether another profile won one of its
+        claims (that identifier is then taken off this profile, and the event is
+        resolved again)."""
         if self._apply_sha is None:
             self._apply_sha = await self.redis.script_load(APPLY_EVENT)
         hash_key = self.settings.id_hash_key
         positions: list[int] = []
+        claim_at: list[tuple[int, int, Identifier]] = []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for item, assignment in zip(accepted, assignments):
-                for identifier in assignment.claims:
-                    pipe.set(identifier_key(identifier, hash_key), assignment.profile_id, nx=True)
+            for k, (item, plan) in enumerate(zip(items, plans)):
+                for identifier in plan.claims:
+                    claim_at.append((k, len(pipe.command_stack), identifier))
+                    pipe.set(identifier_key(identifier, hash_key), plan.profile_id, nx=True, get=True)
+                held = {b.identifier for b in plan.blocked}
+                identifiers = [i for i in item.event.identifiers if i.type != PREVIOUS_ID and str(i) not in held]
                 keys, args = apply_event_call(
-                    item.event, assignment.profile_id, item.record.origin,
+                    item.event, plan.profile_id, item.record.origin, identifiers,
                     dedupe_ttl_s=self._dedupe_ttl_s, now_ms=now_ms,
                 )
                 positions.append(len(pipe.command_stack))
@@ -219,8 +294,25 @@ class Pipeline:
             # Redis lost its script cache (restart, SCRIPT FLUSH): nothing of this
             # step ran but the idempotent claims; load the script and run it again.
             self._apply_sha = None
+            self.identity.forget_scripts()
             raise NoScriptError("APPLY_EVENT script not loaded")
-        return event_replies
+        lost = [False] * len(items)
+        lost_ids: list[tuple[str, Identifier]] = []
+        for k, position, identifier in claim_at:
+            owner = replies[position]
+            if isinstance(owner, Exception):
+                raise owner
+            if owner is not None and owner.decode() != plans[k].profile_id:
+                lost[k] = True
+                lost_ids.append((plans[k].profile_id, identifier))
+        if lost_ids:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for profile_id, identifier in lost_ids:
+                    keys = ProfileKeys(profile_id)
+                    pipe.srem(keys.ids, str(identifier))
+                    pipe.hdel(keys.id_origin, str(identifier))
+                await pipe.execute()
+        return event_replies, lost
 
     async def _redis(self, op: str, step, *args):
         """Run one Redis round trip, retrying on connection trouble until it works."""

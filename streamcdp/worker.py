@@ -80,8 +80,8 @@ class WorkerState:
             except Exception as exc:  # noqa: BLE001 - reported as not ready
                 return False, f"redis: {type(exc).__name__}: {exc}"
             self._redis_ok_at = now
-        if self.app.rebalancing:
-            return False, "consumer group rebalancing"
+        if self.app.rebalancing or not self.app.tables.recovery.completed.is_set():
+            return False, "joining the consumer group"
         return True, "ok"
 
     def update_lag(self) -> None:

@@ -22,14 +22,23 @@ from schemas.events import Identifier
 PREFIX = "cdp"
 # Identifier → profile id. Written once (SET NX), so it can be cached.
 IDENTIFIER_KEY = PREFIX + ":id:{%s}"
-# Profile hashes; ``%s`` is the profile id, the hash tag of all of them.
-PROFILE_META_KEY = PREFIX + ":p:{%s}:meta"  # id, created_at, updated_at, first/last seen, counters
+# Profile keys; ``%s`` is the profile id, the hash tag of all of them.
+# meta: id, created_at, updated_at, first/last seen, event_count; after a merge
+# merged_into (write-once parent pointer), merged_at, merge_identifier, merge_event,
+# and fold_pending until the profile's state has been folded into the survivor.
+PROFILE_META_KEY = PREFIX + ":p:{%s}:meta"
 PROFILE_TRAITS_KEY = PREFIX + ":p:{%s}:traits"  # trait name → JSON value
 PROFILE_TRAITS_TS_KEY = PREFIX + ":p:{%s}:traits_ts"  # trait name → event time (ms) of that value
 PROFILE_IDS_KEY = PREFIX + ":p:{%s}:ids"  # set of "type:value"
-# One key per applied messageId, with a TTL (CDP_DEDUPE_TTL): on the profile's slot
-# so that the de-duplication record and the update are one atomic step.
-PROFILE_SEEN_KEY = PREFIX + ":p:{%s}:seen:%s"
+PROFILE_ID_ORIGIN_KEY = PREFIX + ":p:{%s}:id_origin"  # "type:value" → JSON {messageId, channel, at}
+# Applied messageIds → "topic/partition/offset|received ms", and the same ids by
+# time for expiry (CDP_DEDUPE_TTL). On the profile's slot, so the de-duplication
+# record and the update are one atomic step; hashes rather than a key per message so
+# a merge can carry them over to the surviving profile.
+PROFILE_SEEN_KEY = PREFIX + ":p:{%s}:seen"
+PROFILE_SEEN_BY_TIME_KEY = PREFIX + ":p:{%s}:seen_at"
+PROFILE_FOLDED_KEY = PREFIX + ":p:{%s}:folded"  # ids of profiles already folded into this one
+PROFILE_MERGES_KEY = PREFIX + ":p:{%s}:merges"  # audit: JSON merge records, newest first
 
 _MAX_MESSAGE_ID_IN_KEY = 128
 
@@ -43,11 +52,25 @@ def identifier_key(identifier: Identifier, hash_key: str) -> str:
     return IDENTIFIER_KEY % identifier_digest(identifier, hash_key)
 
 
-def new_profile_id(identifier: Identifier, hash_key: str) -> str:
-    """The id a profile first seen with ``identifier`` gets: deterministic, so a
-    replayed batch creates the same profile, and opaque (no personal data)."""
-    digest = blake2b(b"profile\x00" + str(identifier).encode(), digest_size=10, key=hash_key.encode()[:64])
-    return "p_" + digest.hexdigest()
+def new_profile_id(identifier: Identifier, hash_key: str, now_ms: int) -> str:
+    """The id of a profile created now for ``identifier``: ``p_`` + creation time
+    (ms, 9 base-36 digits) + a keyed digest of the identifier.
+
+    Ids sort by creation time, so "the older profile survives a merge" is a plain
+    comparison of ids, and the ids reveal no personal data. A replayed batch finds
+    the profile through its claimed identifiers, so the id need not repeat."""
+    digest = blake2b(b"profile\x00" + str(identifier).encode(), digest_size=6, key=hash_key.encode()[:64])
+    return "p_" + _base36(now_ms).rjust(9, "0") + digest.hexdigest()
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = ""
+    while True:
+        number, rest = divmod(number, 36)
+        text = digits[rest] + text
+        if number == 0:
+            return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,23 +79,26 @@ class ProfileKeys:
 
     profile_id: str
 
-    @property
-    def meta(self) -> str:
-        return PROFILE_META_KEY % self.profile_id
+    def _key(self, template: str) -> str:
+        return template % self.profile_id
 
-    @property
-    def traits(self) -> str:
-        return PROFILE_TRAITS_KEY % self.profile_id
+    meta = property(lambda self: self._key(PROFILE_META_KEY))
+    traits = property(lambda self: self._key(PROFILE_TRAITS_KEY))
+    traits_ts = property(lambda self: self._key(PROFILE_TRAITS_TS_KEY))
+    ids = property(lambda self: self._key(PROFILE_IDS_KEY))
+    id_origin = property(lambda self: self._key(PROFILE_ID_ORIGIN_KEY))
+    seen = property(lambda self: self._key(PROFILE_SEEN_KEY))
+    seen_at = property(lambda self: self._key(PROFILE_SEEN_BY_TIME_KEY))
+    folded = property(lambda self: self._key(PROFILE_FOLDED_KEY))
+    merges = property(lambda self: self._key(PROFILE_MERGES_KEY))
 
-    @property
-    def traits_ts(self) -> str:
-        return PROFILE_TRAITS_TS_KEY % self.profile_id
+    def state(self) -> list[str]:
+        """Every key holding the profile's state (not its meta): what a merge moves."""
+        return [self.traits, self.traits_ts, self.ids, self.id_origin, self.seen, self.seen_at, self.folded, self.merges]
 
-    @property
-    def ids(self) -> str:
-        return PROFILE_IDS_KEY % self.profile_id
 
-    def seen(self, message_id: str) -> str:
-        if len(message_id) > _MAX_MESSAGE_ID_IN_KEY:
-            message_id = "h:" + blake2b(message_id.encode(), digest_size=16).hexdigest()
-        return PROFILE_SEEN_KEY % (self.profile_id, message_id)
+def message_field(message_id: str) -> str:
+    """A messageId as a hash field, bounded in length."""
+    if len(message_id) > _MAX_MESSAGE_ID_IN_KEY:
+        return "h:" + blake2b(message_id.encode(), digest_size=16).hexdigest()
+    return message_id

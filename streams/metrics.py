@@ -47,6 +47,22 @@ class Metrics:
         self.profiles_created = Counter(
             "cdp_profiles_created_total", "Profiles created.", registry=r
         )
+        self.identity_merges = Counter(
+            "cdp_identity_merges_total", "Profiles merged into another (folds completed).", registry=r
+        )
+        self.identity_merges_blocked = Counter(
+            "cdp_identity_merges_blocked_total",
+            "Links refused by merge protection, by the identifier type whose limit they would exceed.",
+            ["identifier_type"],
+            registry=r,
+        )
+        self.identity_conflicts = Counter(
+            "cdp_identity_conflicts_total",
+            "Times a batch's identity plan met a concurrent change (lost claim, second parent, "
+            "merged target) and was resolved again.",
+            ["kind"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "cdp_batch_size_events", "Events per handled batch.", buckets=BATCH_BUCKETS, registry=r
         )

@@ -21,6 +21,8 @@ the variable.
 | CDP_BATCH_WITHIN_MS | 10 | longest wait to fill a batch |
 | CDP_EMIT_RESOLVED | true | publish each accepted event with its profile id on cdp.events.resolved |
 | CDP_ID_HASH_KEY | (empty) | secret key for the keyed hashes that name identifier keys in Redis |
+| CDP_KAFKA_SESSION_TIMEOUT | 30s | how long the group waits for a silent (crashed) worker before moving its partitions |
+| CDP_IDENTITY_RULES | config/identity-rules.yaml | identity rules: per identifier type a priority and a limit |
 | CDP_LOG_FORMAT | text | ``json`` for one JSON object per log line |
 | CDP_LOG_LEVEL | info | crit, error, warn, info, debug |
 """
@@ -108,6 +110,8 @@ class Settings:
     batch_within_ms: int = 10
     emit_resolved: bool = True
     id_hash_key: str = ""
+    identity_rules: str = ""
+    kafka_session_timeout_s: float = 30.0
     log_format: str = "text"
     log_level: str = "info"
 
@@ -170,6 +174,8 @@ _ENV = {
     "batch_within_ms": ("CDP_BATCH_WITHIN_MS", _positive_int),
     "emit_resolved": ("CDP_EMIT_RESOLVED", _bool),
     "id_hash_key": ("CDP_ID_HASH_KEY", str),
+    "identity_rules": ("CDP_IDENTITY_RULES", str.strip),
+    "kafka_session_timeout_s": ("CDP_KAFKA_SESSION_TIMEOUT", parse_duration),
     "log_format": ("CDP_LOG_FORMAT", _choice("text", "json")),
     "log_level": ("CDP_LOG_LEVEL", _choice(*LOG_LEVELS)),
 }

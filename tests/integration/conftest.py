@@ -210,6 +210,9 @@ class WorkerProcess:
             CDP_WEB_PORT=str(self.port),
             CDP_WEB_HOST="127.0.0.1",
             CDP_BATCH_WITHIN_MS=str(self.settings.batch_within_ms),
+            CDP_BATCH_MAX=str(self.settings.batch_max),
+            # Short, so a SIGKILLed worker's partitions move on quickly in tests.
+            CDP_KAFKA_SESSION_TIMEOUT="8s",
             CDP_LOG_FORMAT="json",
             CDP_LOG_LEVEL="info",
         )

@@ -27,6 +27,18 @@ EVENTS = 3000
 KILLS = 2
 
 
+async def applied_counts(store, users, settings) -> dict[str, int]:
+    counts = {}
+    for user in users:
+        profile = await lookup_profile(store, f"user_id:{user}", hash_key=settings.id_hash_key, default_region="US")
+        counts[user] = profile["eventCount"] if profile else 0
+    return counts
+
+
+async def applied_total(store, users, settings) -> int:
+    return sum((await applied_counts(store, users, settings)).values())
+
+
 async def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(infra, producer, topic_reader):
     settings = dataclasses.replace(
         infra, redis_url=_redis_url_with_db(infra.redis_url, CRASH_DB), app_id=unique("streamcdp-crash"), batch_max=200
@@ -58,7 +70,14 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(infra, 
                 await producer.send(rng.choice((EVENTS_WEB, EVENTS_APP)), orjson.dumps(event), key=user.encode())
             await producer.flush()
             if chunk in kill_at:
-                await asyncio.sleep(rng.uniform(0.05, 0.4))  # somewhere inside a batch
+                # Kill only once the worker is applying this session's events, at a
+                # random moment inside the stream.
+                applied = await applied_total(store, users, settings)
+                for _ in range(200):
+                    if await applied_total(store, users, settings) > applied:
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(rng.uniform(0.0, 0.05))
                 worker.kill()
                 worker.start()
                 await worker.wait_ready()
@@ -66,11 +85,8 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(infra, 
                 await asyncio.sleep(0.05)
 
         counts: dict[str, int] = {}
-        for _ in range(240):  # wait (bounded) until every event is applied
-            counts = {}
-            for user in users:
-                profile = await lookup_profile(store, f"user_id:{user}", hash_key=settings.id_hash_key, default_region="US")
-                counts[user] = profile["eventCount"] if profile else 0
+        for _ in range(300):  # wait (bounded) until every event is applied
+            counts = await applied_counts(store, users, settings)
             if sum(counts.values()) >= EVENTS:
                 break
             await asyncio.sleep(0.5)

@@ -10,7 +10,7 @@ from agents.pipeline import resolved_message
 from agents.profiles.store import apply_event_call
 from schemas.events import Identifier, parse_event
 from streams.deadletter import dead_letter, header_map
-from streams.keys import ProfileKeys, identifier_key, new_profile_id
+from streams.keys import ProfileKeys, identifier_key, message_field, new_profile_id
 from streams.logs import JsonFormatter, logging_config
 from streams.records import Record
 from streams.topics import DEAD_LETTER, RESOLVED, channel_of
@@ -53,14 +53,21 @@ def test_dead_letter_keeps_bytes_and_says_why():
 
 def test_keys_share_the_profile_slot_and_hide_identifier_values():
     keys = ProfileKeys("p_abc")
-    tags = {k[k.index("{"):k.index("}") + 1] for k in (keys.meta, keys.traits, keys.traits_ts, keys.ids, keys.seen("m1"))}
+    tags = {k[k.index("{"):k.index("}") + 1] for k in (keys.meta, *keys.state())}
     assert tags == {"{p_abc}"}
     email = Identifier("email", "ann@example.com")
     key = identifier_key(email, "")
     assert "ann" not in key and key.startswith("cdp:id:{")
     assert identifier_key(email, "") != identifier_key(email, "other-secret")
-    assert new_profile_id(email, "") == new_profile_id(email, "") != new_profile_id(Identifier("email", "bob@example.com"), "")
-    assert len(keys.seen("x" * 1000)) < 200
+    assert len(message_field("x" * 1000)) < 100
+
+
+def test_profile_ids_sort_by_creation_time_and_hide_the_identifier():
+    email = Identifier("email", "ann@example.com")
+    older, newer = new_profile_id(email, "", 1_700_000_000_000), new_profile_id(email, "", 1_700_000_000_001)
+    assert older < newer
+    assert new_profile_id(email, "", 5) == new_profile_id(email, "", 5) != new_profile_id(Identifier("email", "bob@example.com"), "", 5)
+    assert "ann" not in older and older.startswith("p_") and len(older) == 2 + 9 + 12
 
 
 def test_apply_event_arguments():
@@ -69,11 +76,14 @@ def test_apply_event_arguments():
                       "timestamp": "2026-11-20T10:00:00Z", "context": {"traits": {"plan": "pro", "address": {"city": "Oslo"}}}}),
         channel="web", fallback_timestamp_ms=0,
     )
-    keys, args = apply_event_call(event, "p_1", "t/0/5", dedupe_ttl_s=60, now_ms=99)
-    assert keys == [ProfileKeys("p_1").meta, ProfileKeys("p_1").traits, ProfileKeys("p_1").traits_ts, ProfileKeys("p_1").ids, ProfileKeys("p_1").seen("m1")]
-    assert args[:6] == ["t/0/5", 60, event.timestamp_ms, 99, "p_1", 2]
-    assert args[6:10] == ["plan", b'"pro"', "address", b'{"city":"Oslo"}']
-    assert args[10:] == ["user_id:u1"], "previous_id is looked up, never stored as an identifier"
+    keys, args = apply_event_call(event, "p_1", "t/0/5", [Identifier("user_id", "u1")], dedupe_ttl_s=60, now_ms=99)
+    k = ProfileKeys("p_1")
+    assert keys == [k.meta, k.traits, k.traits_ts, k.ids, k.id_origin, k.seen, k.seen_at]
+    assert args[:6] == ["t/0/5", 60_000, event.timestamp_ms, 99, "p_1", "m1"]
+    assert orjson.loads(args[6]) == {"messageId": "m1", "channel": "web", "at": event.timestamp_ms}
+    assert args[7] == 2
+    assert args[8:12] == ["plan", b'"pro"', "address", b'{"city":"Oslo"}']
+    assert args[12:] == ["user_id:u1"]
 
 
 def test_resolved_message_carries_profile_and_source():

@@ -1,0 +1,106 @@
+"""Identity rules: per identifier type, a priority and a limit per profile.
+
+Loaded from YAML (``config/identity-rules.yaml``, or the file ``CDP_IDENTITY_RULES``
+names) and validated with errors that name the path and the problem.
+
+>>> rules = IdentityRules.parse({"identifiers": {"user_id": {"priority": 1, "limit": 1}}})
+>>> rules.limit("user_id"), rules.limit("anything_else")
+(1, 10)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from schemas.errors import ConfigError
+
+DEFAULT_RULES_PATH = Path(__file__).resolve().parents[2] / "config" / "identity-rules.yaml"
+_BUILTIN = {
+    "identifiers": {
+        "user_id": {"priority": 1, "limit": 1},
+        "loyalty_id": {"priority": 2, "limit": 1},
+        "email": {"priority": 3, "limit": 5},
+        "phone": {"priority": 4, "limit": 5},
+        "device_id": {"priority": 5, "limit": 100},
+        "anonymous_id": {"priority": 6, "limit": 1000},
+    },
+    "default": {"priority": 10, "limit": 10},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TypeRule:
+    priority: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRules:
+    types: Mapping[str, TypeRule] = field(default_factory=dict)
+    default: TypeRule = TypeRule(10, 10)
+
+    @classmethod
+    def builtin(cls) -> "IdentityRules":
+        return cls.parse(_BUILTIN)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "IdentityRules":
+        """Rules from ``path``; the shipped file when None (built-in if it is absent)."""
+        if path is None:
+            if not DEFAULT_RULES_PATH.exists():
+                return cls.builtin()
+            path = DEFAULT_RULES_PATH
+        try:
+            document = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"identity rules file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"identity rules file {path} is not valid YAML: {exc}") from None
+        return cls.parse(document, source=str(path))
+
+    @classmethod
+    def parse(cls, document: object, *, source: str = "identity rules") -> "IdentityRules":
+        if not isinstance(document, Mapping):
+            raise ConfigError(f"{source}: the top level must be a mapping with 'identifiers'")
+        unknown = set(document) - {"identifiers", "default"}
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+        identifiers = document.get("identifiers") or {}
+        if not isinstance(identifiers, Mapping):
+            raise ConfigError(f"{source}: 'identifiers' must be a mapping of type → {{priority, limit}}")
+        types = {str(name): _rule(value, f"{source}: identifiers.{name}") for name, value in identifiers.items()}
+        default = _rule(document.get("default", {"priority": 10, "limit": 10}), f"{source}: default")
+        return cls(types, default)
+
+    def rule(self, identifier_type: str) -> TypeRule:
+        return self.types.get(identifier_type, self.default)
+
+    def limit(self, identifier_type: str) -> int:
+        return self.rule(identifier_type).limit
+
+    def priority(self, identifier_type: str) -> int:
+        return self.rule(identifier_type).priority
+
+    def violations(self, identifiers: Iterable[str]) -> list[str]:
+        """Types whose count of distinct ``type:value`` identifiers exceeds the limit."""
+        counts = Counter(i.split(":", 1)[0] for i in set(identifiers))
+        return sorted(t for t, n in counts.items() if n > self.limit(t))
+
+
+def _rule(value: object, path: str) -> TypeRule:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: must be a mapping with 'priority' and 'limit'")
+    unknown = set(value) - {"priority", "limit"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    priority, limit = value.get("priority"), value.get("limit")
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ConfigError(f"{path}.priority: must be an integer, got {priority!r}")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigError(f"{path}.limit: must be an integer >= 1, got {limit!r}")
+    return TypeRule(priority, limit)

@@ -1,0 +1,315 @@
+"""The identity graph in Redis: reads for the planner, and the merge steps.
+
+Every step touches one hash slot, so the design holds on Redis Cluster:
+
+| step | slot | what |
+|---|---|---|
+| read owners | identifier | ``GET cdp:id:{digest}`` per identifier |
+| read nodes | profile | ``HMGET meta merged_into fold_pending`` + ``SMEMBERS ids`` |
+| ``SET_PARENT`` | absorbed | write-once ``merged_into`` + ``fold_pending``; refuses a second parent |
+| read state | absorbed | traits, identifiers, dedupe records, audit ... |
+| ``FOLD`` | survivor | adds the absorbed state once (``folded`` set); refused on a merged profile |
+| ``CLEANUP`` | absorbed | drops the moved state, clears ``fold_pending`` |
+
+A crash between steps leaves ``fold_pending`` on the absorbed profile. Any later
+resolution that reaches it (the replayed event that caused the merge always does)
+finishes the fold; ``FOLD`` is idempotent and ``CLEANUP`` runs only after the fold
+and the merge record's publication succeeded. A profile with a parent accepts no more
+writes (``APPLY_EVENT`` and ``FOLD`` answer ``MOVED``), so nothing lands on it after
+its state has been read for the fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from hashlib import blake2b
+
+import orjson
+
+from agents.identity.graph import GraphView, Merge, Node, identifiers_to_look_up
+from agents.identity.rules import IdentityRules
+from schemas.events import Event, Identifier
+from streams.keys import ProfileKeys, identifier_key
+from streams.records import OutboundMessage
+from streams.topics import IDENTITY_MERGES
+
+_MAX_CHAIN_ROUNDS = 16
+_MAX_FOLD_HOPS = 16
+
+SET_PARENT = """
+-- KEYS: meta of the absorbed profile. ARGV: survivor, now_ms, identifier, message_id
+local parent = redis.call('HGET', KEYS[1], 'merged_into')
+if parent then
+  if parent == ARGV[1] then return {1} end
+  return {0, parent}
+end
+redis.call('HSET', KEYS[1], 'merged_into', ARGV[1], 'merged_at', ARGV[2],
+           'merge_identifier', ARGV[3], 'merge_event', ARGV[4], 'fold_pending', '1')
+return {1}
+"""
+
+FOLD = """
+-- KEYS: survivor meta, traits, traits_ts, ids, id_origin, seen, seen_at, folded, merges
+-- ARGV: absorbed, survivor, now_ms, merge_record, event_count, first_seen, last_seen,
+--       then counted sections: traits (name, json, ts), ids, origins (id, json),
+--       seen (field, value, score), folded ids, merge records (newest first)
+local parent = redis.call('HGET', KEYS[1], 'merged_into')
+if parent then return {5, parent} end
+if redis.call('SISMEMBER', KEYS[8], ARGV[1]) == 1 then return {2} end
+if redis.call('HSETNX', KEYS[1], 'created_at', ARGV[3]) == 1 then
+  redis.call('HSET', KEYS[1], 'id', ARGV[2])
+end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[1], 'event_count', ARGV[5]) end
+if ARGV[6] ~= '' then
+  local first = redis.call('HGET', KEYS[1], 'first_seen')
+  if (not first) or tonumber(ARGV[6]) < tonumber(first) then redis.call('HSET', KEYS[1], 'first_seen', ARGV[6]) end
+end
+if ARGV[7] ~= '' then
+  local last = redis.call('HGET', KEYS[1], 'last_seen')
+  if (not last) or tonumber(ARGV[7]) > tonumber(last) then redis.call('HSET', KEYS[1], 'last_seen', ARGV[7]) end
+end
+local i = 8
+local n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  local held = redis.call('HGET', KEYS[3], ARGV[i])
+  if (not held) or tonumber(ARGV[i + 2]) > tonumber(held) then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
+  end
+  i = i + 3
+end
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do redis.call('SADD', KEYS[4], ARGV[i]); i = i + 1 end
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do redis.call('HSETNX', KEYS[5], ARGV[i], ARGV[i + 1]); i = i + 2 end
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  if redis.call('HSETNX', KEYS[6], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[7], ARGV[i + 2], ARGV[i])
+  end
+  i = i + 3
+end
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do redis.call('SADD', KEYS[8], ARGV[i]); i = i + 1 end
+redis.call('SADD', KEYS[8], ARGV[1])
+n = tonumber(ARGV[i]); i = i + 1
+local records = {}
+for _ = 1, n do table.insert(records, 1, ARGV[i]); i = i + 1 end
+for _, record in ipairs(records) do redis.call('LPUSH', KEYS[9], record) end
+redis.call('LPUSH', KEYS[9], ARGV[4])
+return {1}
+"""
+
+CLEANUP = """
+-- KEYS: absorbed meta, then its state keys. ARGV: now_ms
+if redis.call('HGET', KEYS[1], 'fold_pending') ~= '1' then return 0 end
+redis.call('DEL', unpack(KEYS, 2))
+redis.call('HDEL', KEYS[1], 'event_count', 'first_seen', 'last_seen', 'updated_at', 'fold_pending')
+redis.call('HSET', KEYS[1], 'folded_at', ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class AbsorbedState:
+    profile_id: str
+    parent: str
+    meta: dict[str, str]
+    traits: dict[str, bytes]
+    traits_ts: dict[str, bytes]
+    ids: list[str]
+    origins: dict[str, bytes]
+    seen: dict[str, bytes]
+    seen_at: dict[str, float]
+    folded: list[str]
+    merges: list[bytes]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def iso(ms: int | str) -> str:
+    moment = datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class IdentityStore:
+    """Redis I/O of the identity graph. Each method is one pipelined round trip
+    (``read_view`` one per level of merge chain, usually two)."""
+
+    def __init__(self, redis, rules: IdentityRules, hash_key: str) -> None:
+        self.redis = redis
+        self.rules = rules
+        self.hash_key = hash_key
+        self._sha: dict[str, str] = {}
+
+    async def _script(self, source: str) -> str:
+        sha = self._sha.get(source)
+        if sha is None:
+            sha = self._sha[source] = await self.redis.script_load(source)
+        return sha
+
+    def forget_scripts(self) -> None:
+        self._sha.clear()
+
+    async def read_view(self, events: Sequence[Event]) -> tuple[GraphView, list[Node]]:
+        """Owners of the batch's identifiers and every profile on their chains;
+        also the profiles found with an unfinished fold."""
+        lookup = identifiers_to_look_up(events, self.rules)
+        owners: dict[Identifier, str | None] = {}
+        if lookup:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for identifier in lookup:
+                    pipe.get(identifier_key(identifier, self.hash_key))
+                values = await pipe.execute()
+            owners = {i: (_text(v) if v is not None else None) for i, v in zip(lookup, values)}
+        nodes: dict[str, Node] = {}
+        wanted = {p for p in owners.values() if p}
+        for _ in range(_MAX_CHAIN_ROUNDS):
+            wanted -= nodes.keys()
+            if not wanted:
+                break
+            order = sorted(wanted)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for profile_id in order:
+                    keys = ProfileKeys(profile_id)
+                    pipe.hmget(keys.meta, "merged_into", "fold_pending")
+                    pipe.smembers(keys.ids)
+                replies = await pipe.execute()
+            wanted = set()
+            for index, profile_id in enumerate(order):
+                (parent, pending), ids = replies[2 * index], replies[2 * index + 1]
+                node = Node(
+                    profile_id,
+                    _text(parent) if parent is not None else None,
+                    frozenset(_text(i) for i in ids),
+                    pending is not None and _text(pending) == "1",
+                )
+                nodes[profile_id] = node
+                if node.parent:
+                    wanted.add(node.parent)
+        else:
+            raise RuntimeError("merge chains deeper than expected; refusing to guess")
+        pending_folds = [n for n in nodes.values() if n.fold_pending and n.parent]
+        return GraphView(owners, nodes), pending_folds
+
+    async def set_parents(self, merges: Sequence[Merge], now_ms: int) -> list[str]:
+        """Point each absorbed profile at its survivor. Returns the absorbed ids that
+        already had another parent (someone merged them concurrently: plan again)."""
+        sha = await self._script(SET_PARENT)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for merge in merges:
+                pipe.evalsha(sha, 1, ProfileKeys(merge.absorbed).meta, merge.survivor, now_ms, merge.identifier, merge.message_id)
+            replies = await pipe.execute()
+        return [m.absorbed for m, r in zip(merges, replies) if int(r[0]) != 1]
+
+    async def read_absorbed(self, profile_ids: Sequence[str]) -> list[AbsorbedState]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for profile_id in profile_ids:
+                keys = ProfileKeys(profile_id)
+                pipe.hgetall(keys.meta)
+                pipe.hgetall(keys.traits)
+                pipe.hgetall(keys.traits_ts)
+                pipe.smembers(keys.ids)
+                pipe.hgetall(keys.id_origin)
+                pipe.hgetall(keys.seen)
+                pipe.zrange(keys.seen_at, 0, -1, withscores=True)
+                pipe.smembers(keys.folded)
+                pipe.lrange(keys.merges, 0, -1)
+            replies = await pipe.execute()
+        states = []
+        for index, profile_id in enumerate(profile_ids):
+            meta, traits, traits_ts, ids, origins, seen, seen_at, folded, merges = replies[9 * index: 9 * index + 9]
+            meta = {_text(k): _text(v) for k, v in meta.items()}
+            states.append(
+                AbsorbedState(
+                    profile_id, meta.get("merged_into", ""), meta,
+                    {_text(k): v for k, v in traits.items()}, {_text(k): v for k, v in traits_ts.items()},
+                    sorted(_text(i) for i in ids), {_text(k): v for k, v in origins.items()},
+                    {_text(k): v for k, v in seen.items()}, {_text(m): s for m, s in seen_at},
+                    sorted(_text(f) for f in folded), list(merges),
+                )
+            )
+        return states
+
+    async def fold(self, states: Sequence[AbsorbedState], targets: Sequence[str], now_ms: int) -> list[tuple[int, str | None]]:
+        """Run ``FOLD`` of each state into its target; (status, parent-if-moved) each."""
+        sha = await self._script(FOLD)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for state, target in zip(states, targets):
+                keys = ProfileKeys(target)
+                args = fold_args(state, target, now_ms)
+                pipe.evalsha(sha, 9, keys.meta, keys.traits, keys.traits_ts, keys.ids, keys.id_origin,
+                             keys.seen, keys.seen_at, keys.folded, keys.merges, *args)
+            replies = await pipe.execute()
+        return [(int(r[0]), _text(r[1]) if len(r) > 1 else None) for r in replies]
+
+    async def cleanup(self, profile_ids: Sequence[str], now_ms: int) -> None:
+        sha = await self._script(CLEANUP)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for profile_id in profile_ids:
+                keys = ProfileKeys(profile_id)
+                pipe.evalsha(sha, 9, keys.meta, *keys.state(), now_ms)
+            await pipe.execute()
+
+
+def merge_record(state: AbsorbedState, survivor: str) -> dict:
+    """The audit/merge message for ``state`` folded into ``survivor``; its id is
+    deterministic, so consumers can drop a republished copy."""
+    meta = state.meta
+    merged_at = meta.get("merged_at") or "0"
+    return {
+        "type": "cdp.profile.merged",
+        "id": "merge-" + blake2b(f"{state.profile_id}>{state.parent}".encode(), digest_size=12).hexdigest(),
+        "time": iso(merged_at),
+        "absorbedId": state.profile_id,
+        "survivorId": survivor,
+        "identifier": meta.get("merge_identifier"),
+        "messageId": meta.get("merge_event"),
+    }
+
+
+def fold_args(state: AbsorbedState, survivor: str, now_ms: int) -> list:
+    meta = state.meta
+    args: list = [
+        state.profile_id, survivor, now_ms, orjson.dumps(merge_record(state, survivor)),
+        int(meta.get("event_count") or 0), meta.get("first_seen", ""), meta.get("last_seen", ""),
+    ]
+    args.append(len(state.traits))
+    for name, value in state.traits.items():
+        args.extend((name, value, state.traits_ts.get(name, b"0")))
+    args.append(len(state.ids))
+    args.extend(state.ids)
+    args.append(len(state.origins))
+    for name, value in state.origins.items():
+        args.extend((name, value))
+    args.append(len(state.seen))
+    for field, value in state.seen.items():
+        args.extend((field, value, state.seen_at.get(field, now_ms)))
+    args.append(len(state.folded))
+    args.extend(state.folded)
+    args.append(len(state.merges))
+    args.extend(state.merges)
+    return args
+
+
+def merge_message(state: AbsorbedState, survivor: str) -> OutboundMessage:
+    return OutboundMessage(IDENTITY_MERGES, survivor.encode(), orjson.dumps(merge_record(state, survivor)))
+
+
+def blocked_message(blocked, now_ms: int) -> OutboundMessage:
+    record = {
+        "type": "cdp.profile.merge_blocked",
+        "id": "blocked-" + blake2b(f"{blocked.message_id}|{blocked.identifier}".encode(), digest_size=12).hexdigest(),
+        "time": iso(now_ms),
+        "profileId": blocked.profile_id,
+        "otherProfileId": blocked.owner,
+        "identifier": blocked.identifier,
+        "limitedTypes": list(blocked.types),
+        "messageId": blocked.message_id,
+    }
+    return OutboundMessage(IDENTITY_MERGES, blocked.profile_id.encode(), orjson.dumps(record))
