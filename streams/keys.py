@@ -39,6 +39,9 @@ PROFILE_SEEN_KEY = PREFIX + ":p:{%s}:seen"
 PROFILE_SEEN_BY_TIME_KEY = PREFIX + ":p:{%s}:seen_at"
 PROFILE_FOLDED_KEY = PREFIX + ":p:{%s}:folded"  # ids of profiles already folded into this one
 PROFILE_MERGES_KEY = PREFIX + ":p:{%s}:merges"  # audit: JSON merge records, newest first
+# Fuzzy matching: the profile's normalised match records (name, dob, address, phone)
+# as JSON, compared with records that carry no known identifier.
+PROFILE_MATCH_KEY = PREFIX + ":p:{%s}:match"
 
 _MAX_MESSAGE_ID_IN_KEY = 128
 
@@ -91,10 +94,11 @@ class ProfileKeys:
     seen_at = property(lambda self: self._key(PROFILE_SEEN_BY_TIME_KEY))
     folded = property(lambda self: self._key(PROFILE_FOLDED_KEY))
     merges = property(lambda self: self._key(PROFILE_MERGES_KEY))
+    match = property(lambda self: self._key(PROFILE_MATCH_KEY))
 
     def state(self) -> list[str]:
         """Every key holding the profile's state (not its meta): what a merge moves."""
-        return [self.traits, self.traits_ts, self.ids, self.id_origin, self.seen, self.seen_at, self.folded, self.merges]
+        return [self.traits, self.traits_ts, self.ids, self.id_origin, self.seen, self.seen_at, self.folded, self.merges, self.match]
 
 
 def message_field(message_id: str) -> str:

@@ -1,6 +1,6 @@
 """Every Kafka topic streamcdp reads or writes, declared once.
 
-Inbound events arrive per channel on ``cdp.events.{web,app,pos}``. Rejected input
+Inbound events arrive per channel on ``cdp.events.{web,app,pos,crm}``. Rejected input
 goes to ``cdp.events.dead-letter`` with the original bytes; each accepted event is
 republished with its profile id on ``cdp.events.resolved``. The other outbound
 topics are filled by later stages (identity merges, segment changes, privacy).
@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 EVENTS_WEB = "cdp.events.web"
 EVENTS_APP = "cdp.events.app"
 EVENTS_POS = "cdp.events.pos"
-INBOUND = (EVENTS_WEB, EVENTS_APP, EVENTS_POS)
+# Bulk imports (`streamcdp import FILE --channel crm`) arrive here.
+EVENTS_CRM = "cdp.events.crm"
+INBOUND = (EVENTS_WEB, EVENTS_APP, EVENTS_POS, EVENTS_CRM)
 DEAD_LETTER = "cdp.events.dead-letter"
 RESOLVED = "cdp.events.resolved"
 IDENTITY_MERGES = "cdp.identity.merges"
@@ -37,7 +39,7 @@ DEAD_LETTER_MAX_BYTES = 20 * 1024 * 1024
 # Producers must be allowed to send a dead letter of that size.
 PRODUCER_MAX_REQUEST_BYTES = DEAD_LETTER_MAX_BYTES + 1024 * 1024
 
-_CHANNELS = {EVENTS_WEB: "web", EVENTS_APP: "app", EVENTS_POS: "pos"}
+_CHANNELS = {EVENTS_WEB: "web", EVENTS_APP: "app", EVENTS_POS: "pos", EVENTS_CRM: "crm"}
 
 
 def channel_of(topic: str) -> str:

@@ -51,10 +51,11 @@ return {1}
 """
 
 FOLD = """
--- KEYS: survivor meta, traits, traits_ts, ids, id_origin, seen, seen_at, folded, merges
+-- KEYS: survivor meta, traits, traits_ts, ids, id_origin, seen, seen_at, folded, merges, match
 -- ARGV: absorbed, survivor, now_ms, merge_record, event_count, first_seen, last_seen,
 --       then counted sections: traits (name, json, ts), ids, origins (id, json),
---       seen (field, value, score), folded ids, merge records (newest first)
+--       seen (field, value, score), folded ids, merge records (newest first),
+--       match records
 local parent = redis.call('HGET', KEYS[1], 'merged_into')
 if parent then return {5, parent} end
 if redis.call('SISMEMBER', KEYS[8], ARGV[1]) == 1 then return {2} end
@@ -100,6 +101,8 @@ local records = {}
 for _ = 1, n do table.insert(records, 1, ARGV[i]); i = i + 1 end
 for _, record in ipairs(records) do redis.call('LPUSH', KEYS[9], record) end
 redis.call('LPUSH', KEYS[9], ARGV[4])
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do redis.call('SADD', KEYS[10], ARGV[i]); i = i + 1 end
 return {1}
 """
 
@@ -126,6 +129,7 @@ class AbsorbedState:
     seen_at: dict[str, float]
     folded: list[str]
     merges: list[bytes]
+    match: list[bytes]
 
 
 def _text(value) -> str:
@@ -220,10 +224,11 @@ class IdentityStore:
                 pipe.zrange(keys.seen_at, 0, -1, withscores=True)
                 pipe.smembers(keys.folded)
                 pipe.lrange(keys.merges, 0, -1)
+                pipe.smembers(keys.match)
             replies = await pipe.execute()
         states = []
         for index, profile_id in enumerate(profile_ids):
-            meta, traits, traits_ts, ids, origins, seen, seen_at, folded, merges = replies[9 * index: 9 * index + 9]
+            meta, traits, traits_ts, ids, origins, seen, seen_at, folded, merges, match = replies[10 * index: 10 * index + 10]
             meta = {_text(k): _text(v) for k, v in meta.items()}
             states.append(
                 AbsorbedState(
@@ -231,7 +236,7 @@ class IdentityStore:
                     {_text(k): v for k, v in traits.items()}, {_text(k): v for k, v in traits_ts.items()},
                     sorted(_text(i) for i in ids), {_text(k): v for k, v in origins.items()},
                     {_text(k): v for k, v in seen.items()}, {_text(m): s for m, s in seen_at},
-                    sorted(_text(f) for f in folded), list(merges),
+                    sorted(_text(f) for f in folded), list(merges), sorted(match),
                 )
             )
         return states
@@ -243,8 +248,8 @@ class IdentityStore:
             for state, target in zip(states, targets):
                 keys = ProfileKeys(target)
                 args = fold_args(state, target, now_ms)
-                pipe.evalsha(sha, 9, keys.meta, keys.traits, keys.traits_ts, keys.ids, keys.id_origin,
-                             keys.seen, keys.seen_at, keys.folded, keys.merges, *args)
+                pipe.evalsha(sha, 10, keys.meta, keys.traits, keys.traits_ts, keys.ids, keys.id_origin,
+                             keys.seen, keys.seen_at, keys.folded, keys.merges, keys.match, *args)
             replies = await pipe.execute()
         return [(int(r[0]), _text(r[1]) if len(r) > 1 else None) for r in replies]
 
@@ -253,7 +258,8 @@ class IdentityStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for profile_id in profile_ids:
                 keys = ProfileKeys(profile_id)
-                pipe.evalsha(sha, 9, keys.meta, *keys.state(), now_ms)
+                state = keys.state()
+                pipe.evalsha(sha, 1 + len(state), keys.meta, *state, now_ms)
             await pipe.execute()
 
 
@@ -294,6 +300,8 @@ def fold_args(state: AbsorbedState, survivor: str, now_ms: int) -> list:
     args.extend(state.folded)
     args.append(len(state.merges))
     args.extend(state.merges)
+    args.append(len(state.match))
+    args.extend(state.match)
     return args
 
 
