@@ -75,6 +75,7 @@ class RejectReason(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     SCHEMA_VIOLATION = "schema_violation"
     NO_IDENTIFIER = "no_identifier"
+    INVALID_IDENTIFIER = "invalid_identifier"
 
 
 #: Segment's documented per-message limit; checked before anything is parsed.
@@ -480,12 +481,21 @@ def parse_event(raw: bytes, *, channel: str, fallback_timestamp_ms: int, default
         trait_sources.append(("traits", top_traits))
     if context_traits:
         trait_sources.append(("context.traits", context_traits))
-    for _, source in trait_sources:
-        if "email" in source:
-            candidates.append(("email", source["email"]))
-    for _, source in trait_sources:
-        if "phone" in source:
-            candidates.append(("phone", source["phone"]))
+    for key in ("email", "phone"):
+        for prefix, source in trait_sources:
+            value = source.get(key)
+            if value is None or value == "":
+                continue
+            if normalize_identifier(key, value, default_region) is None:
+                # An identifier field that cannot be used is refused rather than
+                # ignored: it would otherwise slip into traits and never link.
+                raise InvalidEvent(
+                    RejectReason.INVALID_IDENTIFIER,
+                    f"{prefix}.{key} {_preview(value)} is not a usable {key}"
+                    + (" (expected local@domain.tld)" if key == "email" else f" (E.164, default region {default_region})"),
+                    f"{prefix}.{key}",
+                )
+            candidates.append((key, value))
     candidates.extend(external)
     if device_id is not None:
         candidates.append(("device_id", device_id))

@@ -140,7 +140,9 @@ MALFORMED: list[tuple[str, bytes, RejectReason, str | None]] = [
     ("impossible date", track(originalTimestamp="2026-02-30T10:00:00Z"), R.SCHEMA_VIOLATION, "originalTimestamp"),
     ("hour 24", track(receivedAt="2026-11-20T24:00:00Z"), R.SCHEMA_VIOLATION, "receivedAt"),
     ("bad sentAt", track(sentAt="2026-11-20T10:00:00 PST"), R.SCHEMA_VIOLATION, "sentAt"),
-    ("identify with only an invalid email", dump({"type": "identify", "traits": {"email": "ann at example"}}), R.NO_IDENTIFIER, None),
+    ("identify with only an invalid email", dump({"type": "identify", "traits": {"email": "ann at example"}}), R.INVALID_IDENTIFIER, "traits.email"),
+    ("email without @ beside a userId", dump({"type": "identify", "userId": "u", "traits": {"email": "n/a"}}), R.INVALID_IDENTIFIER, "traits.email"),
+    ("unusable phone in context.traits", track(context={"traits": {"phone": "call me"}}), R.INVALID_IDENTIFIER, "context.traits.phone"),
     ("page with no ids at all", dump({"type": "page", "name": "Home", "properties": {"path": "/"}}), R.NO_IDENTIFIER, None),
     ("blank ids only", track(userId="  ", anonymousId=""), R.NO_IDENTIFIER, None),
     ("group traits email is the group's", dump({"type": "group", "groupId": "g-1", "traits": {"email": "ops@acme.com"}}), R.NO_IDENTIFIER, None),
@@ -590,9 +592,8 @@ def test_previous_id_is_an_identifier_on_alias_only() -> None:
     assert all(identifier.type != "previous_id" for identifier in event.identifiers)
 
 
-def test_an_invalid_email_is_a_trait_not_an_error() -> None:
-    event = parse(dump({"type": "identify", "userId": "u", "traits": {"email": "n/a"}}))
-    assert event.traits["email"] == "n/a"
+def test_an_empty_email_counts_as_absent() -> None:
+    event = parse(dump({"type": "identify", "userId": "u", "traits": {"email": "", "phone": None}}))
     assert event.identifiers == (Identifier("user_id", "u"),)
 
 

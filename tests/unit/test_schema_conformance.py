@@ -239,6 +239,7 @@ def test_parse_event_and_schema_agree(case: Case) -> None:
         assert not schema_errors, schema_errors
         assert error is not None and error.reason in {
             RejectReason.NO_IDENTIFIER,
+            RejectReason.INVALID_IDENTIFIER,
             RejectReason.SCHEMA_VIOLATION,
             RejectReason.TOO_DEEP,
             RejectReason.OVERSIZE,
