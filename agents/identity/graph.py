@@ -80,6 +80,15 @@ class GraphView:
         self.parent: dict[str, str] = {p: n.parent for p, n in nodes.items() if n.parent}
         self.ids: dict[str, set[str]] = {p: set(n.identifiers) for p, n in nodes.items()}
 
+    def add_nodes(self, nodes: Mapping[str, Node]) -> None:
+        """Learn more profiles (e.g. fuzzy-match candidates); known ones are kept."""
+        for profile_id, node in nodes.items():
+            if profile_id in self.ids or profile_id in self.parent:
+                continue
+            if node.parent:
+                self.parent[profile_id] = node.parent
+            self.ids[profile_id] = set(node.identifiers)
+
     def root(self, profile_id: str) -> str:
         for _ in range(_MAX_CHAIN):
             parent = self.parent.get(profile_id)
@@ -120,9 +129,23 @@ def plan_batch(
     return [plan_event(event, view, rules, new_profile_id) for event in events]
 
 
+def has_known_identifier(event: Event, view: GraphView, rules: IdentityRules) -> bool:
+    """Whether any identifier of ``event`` already belongs to a profile."""
+    return any(identifier in view.owner for identifier, _ in candidates(event, rules))
+
+
 def plan_event(
-    event: Event, view: GraphView, rules: IdentityRules, new_profile_id: Callable[[Identifier], str]
+    event: Event,
+    view: GraphView,
+    rules: IdentityRules,
+    new_profile_id: Callable[[Identifier], str],
+    matched: str | None = None,
 ) -> Plan:
+    """Plan one event and record its effects in ``view``.
+
+    ``matched``: a profile the fuzzy matcher found for an event none of whose
+    identifiers is known; the event joins it (merge protection still applies)
+    instead of starting a new profile. It never merges two profiles."""
     group: list[str] = []
     group_ids: set[str] = set()
     cause: dict[str, str] = {}
@@ -154,6 +177,10 @@ def plan_event(
             claims.append(identifier)
             group_ids = union
 
+    if not group and matched is not None:
+        root = view.root(matched)
+        if not rules.violations(group_ids | view.ids.get(root, set())):
+            group.append(root)
     if not group:
         best = claims[0] if claims else event.best_identifier()
         group.append(new_profile_id(best))

@@ -171,12 +171,19 @@ class IdentityStore:
                     pipe.get(identifier_key(identifier, self.hash_key))
                 values = await pipe.execute()
             owners = {i: (_text(v) if v is not None else None) for i, v in zip(lookup, values)}
+        nodes = await self.read_nodes({p for p in owners.values() if p})
+        pending_folds = [n for n in nodes.values() if n.fold_pending and n.parent]
+        return GraphView(owners, nodes), pending_folds
+
+    async def read_nodes(self, wanted: set[str], known: dict[str, Node] | None = None) -> dict[str, Node]:
+        """``wanted`` profiles and every profile on their merge chains (one round trip
+        per level of chain), skipping those in ``known``."""
         nodes: dict[str, Node] = {}
-        wanted = {p for p in owners.values() if p}
+        known = known or {}
         for _ in range(_MAX_CHAIN_ROUNDS):
-            wanted -= nodes.keys()
+            wanted = wanted - nodes.keys() - known.keys()
             if not wanted:
-                break
+                return nodes
             order = sorted(wanted)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for profile_id in order:
@@ -196,10 +203,7 @@ class IdentityStore:
                 nodes[profile_id] = node
                 if node.parent:
                     wanted.add(node.parent)
-        else:
-            raise RuntimeError("merge chains deeper than expected; refusing to guess")
-        pending_folds = [n for n in nodes.values() if n.fold_pending and n.parent]
-        return GraphView(owners, nodes), pending_folds
+        raise RuntimeError("merge chains deeper than expected; refusing to guess")
 
     async def set_parents(self, merges: Sequence[Merge], now_ms: int) -> list[str]:
         """Point each absorbed profile at its survivor. Returns the absorbed ids that

@@ -28,9 +28,10 @@ from schemas.identifiers import parse_identifier
 from streams.keys import ProfileKeys, identifier_key, message_field
 
 APPLY_EVENT = """
--- KEYS: meta, traits, traits_ts, ids, id_origin, seen, seen_at
+-- KEYS: meta, traits, traits_ts, ids, id_origin, seen, seen_at, match
 -- ARGV: origin, dedupe_ttl_ms, event_ms, now_ms, profile_id, message_field,
---       id_origin_json, n_traits, (name, json) * n_traits, identifier...
+--       id_origin_json, match_record_json (or ''), n_traits, (name, json) * n_traits,
+--       identifier...
 local parent = redis.call('HGET', KEYS[1], 'merged_into')
 if parent then return {5, parent} end
 local seen = redis.call('HGET', KEYS[6], ARGV[6])
@@ -57,8 +58,9 @@ local first = redis.call('HGET', KEYS[1], 'first_seen')
 if (not first) or ts < tonumber(first) then redis.call('HSET', KEYS[1], 'first_seen', ARGV[3]) end
 local last = redis.call('HGET', KEYS[1], 'last_seen')
 if (not last) or ts > tonumber(last) then redis.call('HSET', KEYS[1], 'last_seen', ARGV[3]) end
-local n = tonumber(ARGV[8])
-local i = 9
+if ARGV[8] ~= '' then redis.call('SADD', KEYS[8], ARGV[8]) end
+local n = tonumber(ARGV[9])
+local i = 10
 for _ = 1, n do
   local name = ARGV[i]
   local held = redis.call('HGET', KEYS[3], name)
@@ -86,23 +88,31 @@ class ApplyStatus(IntEnum):
 
 
 def apply_event_call(
-    event: Event, profile_id: str, origin: str, identifiers: Sequence[Identifier], *, dedupe_ttl_s: int, now_ms: int
+    event: Event,
+    profile_id: str,
+    origin: str,
+    identifiers: Sequence[Identifier],
+    *,
+    dedupe_ttl_s: int,
+    now_ms: int,
+    match_record: bytes = b"",
 ) -> tuple[list[str], list[object]]:
     """KEYS and ARGV of ``APPLY_EVENT`` for one event (pure).
 
     ``identifiers``: those the event adds to the profile (the ones it claimed or
-    already held there; never the ones merge protection kept apart)."""
+    already held there; never the ones merge protection kept apart).
+    ``match_record``: the event's fuzzy-match record (JSON), if it has one."""
     keys = ProfileKeys(profile_id)
     id_origin = orjson.dumps({"messageId": event.message_id, "channel": event.channel, "at": event.timestamp_ms})
     args: list[object] = [
         origin, dedupe_ttl_s * 1000, event.timestamp_ms, now_ms, profile_id,
-        message_field(event.message_id), id_origin, len(event.traits),
+        message_field(event.message_id), id_origin, match_record, len(event.traits),
     ]
     for name, value in event.traits.items():
         args.append(name)
         args.append(orjson.dumps(value))
     args.extend(str(i) for i in identifiers)
-    return [keys.meta, keys.traits, keys.traits_ts, keys.ids, keys.id_origin, keys.seen, keys.seen_at], args
+    return [keys.meta, keys.traits, keys.traits_ts, keys.ids, keys.id_origin, keys.seen, keys.seen_at, keys.match], args
 
 
 async def find_profile_id(redis, identifier: Identifier, hash_key: str) -> str | None:

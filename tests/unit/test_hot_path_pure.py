@@ -78,12 +78,12 @@ def test_apply_event_arguments():
     )
     keys, args = apply_event_call(event, "p_1", "t/0/5", [Identifier("user_id", "u1")], dedupe_ttl_s=60, now_ms=99)
     k = ProfileKeys("p_1")
-    assert keys == [k.meta, k.traits, k.traits_ts, k.ids, k.id_origin, k.seen, k.seen_at]
+    assert keys == [k.meta, k.traits, k.traits_ts, k.ids, k.id_origin, k.seen, k.seen_at, k.match]
     assert args[:6] == ["t/0/5", 60_000, event.timestamp_ms, 99, "p_1", "m1"]
     assert orjson.loads(args[6]) == {"messageId": "m1", "channel": "web", "at": event.timestamp_ms}
-    assert args[7] == 2
-    assert args[8:12] == ["plan", b'"pro"', "address", b'{"city":"Oslo"}']
-    assert args[12:] == ["user_id:u1"]
+    assert args[7:9] == [b"", 2]
+    assert args[9:13] == ["plan", b'"pro"', "address", b'{"city":"Oslo"}']
+    assert args[13:] == ["user_id:u1"]
 
 
 def test_resolved_message_carries_profile_and_source():

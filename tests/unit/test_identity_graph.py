@@ -119,3 +119,16 @@ def test_rules_file_validation_names_the_path():
         IdentityRules.parse({"identifiers": {}, "colour": 1})
     assert IdentityRules.load().limit("user_id") == 1
     assert IdentityRules.load().violations(["user_id:a", "user_id:b", "email:x"]) == ["user_id"]
+
+
+def test_a_fuzzy_match_joins_a_profile_only_when_no_identifier_is_known():
+    g = view({"user_id:A": "p_1"}, [Node("p_1", identifiers=frozenset({"user_id:A", "crm_id:1"})), Node("p_2", parent="p_1")])
+    walk_in = ev(context={"externalIds": [{"id": "2", "type": "crm_id"}]})
+    plan = plan_event(walk_in, g, RULES, NewIds(), matched="p_2")
+    assert plan.profile_id == "p_1" and [str(c) for c in plan.claims] == ["crm_id:2"] and plan.merges == ()
+
+
+def test_a_fuzzy_match_respects_merge_protection():
+    g = view({}, [Node("p_1", identifiers=frozenset({"user_id:A"}))])
+    plan = plan_event(ev(userId="B"), g, RULES, NewIds(), matched="p_1")
+    assert plan.profile_id == "p_9001", "a second user_id may not join through a fuzzy match"
