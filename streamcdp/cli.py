@@ -77,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--bad-ratio", type=float, default=0.0, help="share of malformed records, 0..1 (default 0)")
     generate.set_defaults(run=_run_generate)
 
+    importer = commands.add_parser(
+        "import",
+        help="import a CSV or JSONL file as identify events",
+        description="Each row becomes an identify event on cdp.events.CHANNEL: columns user_id, email, "
+        "phone and external_id.<type> are identifiers, every other column is a trait. Re-importing the "
+        "same file produces the same messageIds, so nothing is counted twice. Exits 1 if any row failed.",
+    )
+    importer.add_argument("file", metavar="FILE", help="a .csv (with a header row) or .jsonl file")
+    importer.add_argument("--channel", default="crm", help="channel and topic suffix (default crm)")
+    importer.add_argument("--format", choices=("csv", "jsonl"), default=None, help="override the format guessed from the extension")
+    importer.set_defaults(run=_run_import)
+
     topics = commands.add_parser("topics", help="Kafka topics streamcdp uses")
     topics_commands = topics.add_subparsers(title="topics commands", metavar="ACTION")
     create = topics_commands.add_parser("create", help="create the missing topics and exit")
@@ -118,6 +130,12 @@ def _run_generate(args: argparse.Namespace, settings: Settings) -> int:
         print("streamcdp: --count must be >= 0, --rate > 0, --bad-ratio within 0..1", file=sys.stderr)
         return EXIT_USAGE
     return run_generate(settings, args.count, args.rate, args.seed, args.bad_ratio)
+
+
+def _run_import(args: argparse.Namespace, settings: Settings) -> int:
+    from streamcdp.importer import run_import
+
+    return run_import(settings, args.file, args.channel, args.format)
 
 
 def _run_topics_create(args: argparse.Namespace, settings: Settings) -> int:

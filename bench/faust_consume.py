@@ -1,0 +1,64 @@
+"""Baseline (b): a bare faust agent that only consumes, in its own process.
+
+The app is streamcdp's own (``streams.app.create_app``: same consumer, producer and
+web settings as the worker, uvloop as ``streamcdp worker`` uses); only the agent's
+body differs: it counts events. Once it has seen ``--count`` events it writes
+``{"events", "seconds", "batches"}`` to ``--result`` (seconds from the first batch
+in hand to the last) and idles until stopped.
+
+    python -m bench.faust_consume --topics T1,T2 --count N --result FILE
+Configuration (app id, web port, bootstrap) from CDP_* variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+
+import orjson
+
+
+def main() -> None:
+    import faust
+    import uvloop
+
+    from streams.app import create_app
+    from streams.settings import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m bench.faust_consume")
+    parser.add_argument("--topics", required=True, help="comma-separated input topics")
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--within-ms", type=float, default=10.0)
+    args = parser.parse_args()
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    app = create_app(Settings.from_env())
+    source = app.topic(*args.topics.split(","), key_serializer="raw", value_serializer="raw")
+
+    @app.agent(source, concurrency=1, name="bench.consume_only")
+    async def consume_only(stream):
+        seen = batches = 0
+        first = 0.0
+        reported = False
+        async for events in stream.take_events(args.batch, within=args.within_ms / 1000):
+            if not seen:
+                first = time.perf_counter()
+            seen += len(events)
+            batches += 1
+            if seen >= args.count and not reported:
+                result = {"events": seen, "seconds": time.perf_counter() - first, "batches": batches}
+                with open(args.result + ".tmp", "wb") as out:
+                    out.write(orjson.dumps(result))
+                os.replace(args.result + ".tmp", args.result)
+                reported = True
+
+    worker = faust.Worker(app, loglevel="warn", quiet=True, redirect_stdouts=False, loop=asyncio.new_event_loop())
+    worker.execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main()
