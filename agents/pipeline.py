@@ -302,7 +302,9 @@ class Pipeline:
             owner = replies[position]
             if isinstance(owner, Exception):
                 raise owner
-            if owner is not None and owner.decode() != plans[k].profile_id:
+            owner = plans[k].profile_id if owner is None else owner.decode()
+            self.identity.remember_owner(identifier, owner)
+            if owner != plans[k].profile_id:
                 lost[k] = True
                 lost_ids.append((plans[k].profile_id, identifier))
         if lost_ids:

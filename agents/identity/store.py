@@ -145,11 +145,23 @@ class IdentityStore:
     """Redis I/O of the identity graph. Each method is one pipelined round trip
     (``read_view`` one per level of merge chain, usually two)."""
 
-    def __init__(self, redis, rules: IdentityRules, hash_key: str) -> None:
+    def __init__(self, redis, rules: IdentityRules, hash_key: str, *, cache_size: int = 200_000) -> None:
         self.redis = redis
         self.rules = rules
         self.hash_key = hash_key
         self._sha: dict[str, str] = {}
+        # identifier → the profile that claimed it. Claims are write-once, so a known
+        # owner never changes and needs no reading again. (Deleting a person's data
+        # must drop their identifiers from this cache on every worker.)
+        self._owners: dict[Identifier, str] = {}
+        self._cache_size = cache_size
+
+    def remember_owner(self, identifier: Identifier, profile_id: str) -> None:
+        owners = self._owners
+        if len(owners) >= self._cache_size:
+            for stale in list(owners)[: self._cache_size // 4]:  # oldest first (insertion order)
+                del owners[stale]
+        owners[identifier] = profile_id
 
     async def _script(self, source: str) -> str:
         sha = self._sha.get(source)
@@ -163,14 +175,24 @@ class IdentityStore:
     async def read_view(self, events: Sequence[Event]) -> tuple[GraphView, list[Node]]:
         """Owners of the batch's identifiers and every profile on their chains;
         also the profiles found with an unfinished fold."""
-        lookup = identifiers_to_look_up(events, self.rules)
+        cached = self._owners
         owners: dict[Identifier, str | None] = {}
+        lookup = []
+        for identifier in identifiers_to_look_up(events, self.rules):
+            owner = cached.get(identifier)
+            if owner is None:
+                lookup.append(identifier)
+            else:
+                owners[identifier] = owner
         if lookup:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for identifier in lookup:
                     pipe.get(identifier_key(identifier, self.hash_key))
                 values = await pipe.execute()
-            owners = {i: (_text(v) if v is not None else None) for i, v in zip(lookup, values)}
+            for identifier, value in zip(lookup, values):
+                owner = owners[identifier] = _text(value) if value is not None else None
+                if owner is not None:
+                    self.remember_owner(identifier, owner)
         nodes = await self.read_nodes({p for p in owners.values() if p})
         pending_folds = [n for n in nodes.values() if n.fold_pending and n.parent]
         return GraphView(owners, nodes), pending_folds
