@@ -292,9 +292,7 @@ class Pipeline:
         event_replies = [replies[p] for p in positions]
         if any(isinstance(r, NoScriptError) for r in event_replies):
             # Redis lost its script cache (restart, SCRIPT FLUSH): nothing of this
-            # step ran but the idempotent claims; load the script and run it again.
-            self._apply_sha = None
-            self.identity.forget_scripts()
+            # step ran but the idempotent claims; _redis() reloads and runs it again.
             raise NoScriptError("APPLY_EVENT script not loaded")
         lost = [False] * len(items)
         lost_ids: list[tuple[str, Identifier]] = []
@@ -324,6 +322,10 @@ class Pipeline:
             try:
                 value = await step(*args)
             except (RedisConnectionError, RedisTimeoutError, NoScriptError, OSError) as exc:
+                if isinstance(exc, NoScriptError):
+                    # Redis restarted or flushed its script cache: load every script again.
+                    self._apply_sha = None
+                    self.identity.forget_scripts()
                 self.metrics.redis_errors.labels(op).inc()
                 self.ready = False
                 log.warning("Redis %s step failed (%s: %s); retrying in %.1fs", op, type(exc).__name__, exc, backoff)

@@ -144,3 +144,19 @@ async def test_redis_outage_holds_the_batch_until_redis_is_back(infra, producer,
     profile = await lookup_profile(client, f"user_id:{user}", hash_key="", default_region="US")
     assert profile["eventCount"] == 4, "AOF kept the first event; the held batch was applied once"
     await client.aclose()
+
+
+async def test_script_flush_is_survived(pipeline, redis):
+    """Redis forgetting its scripts (restart without AOF of scripts, SCRIPT FLUSH)
+    must not wedge the worker: every script is loaded again."""
+    user, email = unique("u"), f"{unique('sf')}@example.com"
+    await pipeline.handle([record(track(userId=user), 50_000_000)])
+    await pipeline.handle([record(track(anonymousId=None, userId=None, context={"traits": {"email": email}}), 50_000_001)])
+    await redis.script_flush()
+    # links the two profiles: needs SET_PARENT, FOLD, CLEANUP and APPLY_EVENT again
+    result = await asyncio.wait_for(
+        pipeline.handle([record(track(userId=user, anonymousId=None, context={"traits": {"email": email}}), 50_000_002)]), 30
+    )
+    assert result.processed == 1
+    profile = await lookup_profile(redis, f"email:{email}", hash_key="", default_region="US")
+    assert profile["eventCount"] == 3 and f"user_id:{user}" in profile["identifiers"]
