@@ -32,7 +32,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from agents.identity.graph import PREVIOUS_ID, Plan, plan_batch
+from agents.identity import fuzzy
+from agents.identity.graph import GraphView, Plan, has_known_identifier, plan_event
+from agents.identity.matching import BOUNDED_SADD, MatchStore
 from agents.identity.rules import IdentityRules
 from agents.identity.store import AbsorbedState, IdentityStore, blocked_message, merge_message
 from agents.ingest.core import PROCESSING_ERROR, Accepted, Rejected, split_batch
@@ -75,11 +77,14 @@ class Pipeline:
         metrics: Metrics,
         *,
         rules: IdentityRules | None = None,
+        match_config: fuzzy.MatchConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.rules = rules if rules is not None else IdentityRules.load(settings.identity_rules or None)
+        self.match_config = match_config if match_config is not None else fuzzy.MatchConfig.load(settings.matching_config or None)
         self.identity = IdentityStore(redis, self.rules, settings.id_hash_key)
+        self.matching = MatchStore(redis, settings.id_hash_key)
         self.redis = redis
         self.producer = producer
         self.metrics = metrics
@@ -165,17 +170,20 @@ class Pipeline:
         outputs: list[OutboundMessage] = []
         first: list[ApplyStatus | Exception | None] = [None] * len(accepted)
         profile_of: list[str] = [""] * len(accepted)
+        region = self.settings.phone_default_region
+        match_records = [fuzzy.match_record(a.event.traits, region) if a.event.traits else None for a in accepted]
         todo = list(range(len(accepted)))
         for _ in range(_MAX_ROUNDS):
             if not todo:
                 break
             items = [accepted[i] for i in todo]
+            records = [match_records[i] for i in todo]
             started = time.perf_counter()
-            plans, notes = await self._redis("identity", self._resolve, [a.event for a in items], now_ms)
+            plans, notes = await self._redis("identity", self._resolve, [a.event for a in items], records, now_ms)
             outputs.extend(notes)
             self.metrics.stage_latency.labels("identity").observe(time.perf_counter() - started)
             started = time.perf_counter()
-            replies, lost = await self._redis("profile", self._apply, items, plans, now_ms)
+            replies, lost = await self._redis("profile", self._apply, items, plans, records, now_ms)
             self.metrics.stage_latency.labels("profile").observe(time.perf_counter() - started)
             again = []
             for k, i in enumerate(todo):
@@ -217,13 +225,15 @@ class Pipeline:
                 outputs.append(resolved_message(item, profile_id))
         return outputs
 
-    async def _resolve(self, events: list[Event], now_ms: int) -> tuple[list[Plan], list[OutboundMessage]]:
+    async def _resolve(
+        self, events: list[Event], match_records: list[fuzzy.MatchRecord | None], now_ms: int
+    ) -> tuple[list[Plan], list[OutboundMessage]]:
         """Plan the events' profiles; set parents and finish folds for the merges.
         Returns the plans and the merge-blocked notices to publish."""
-        hash_key = self.settings.id_hash_key
         for _ in range(_MAX_ROUNDS):
             view, pending = await self.identity.read_view(events)
-            plans = plan_batch(events, view, self.rules, lambda i: new_profile_id(i, hash_key, now_ms))
+            candidates = await self._match_candidates(events, match_records, view)
+            plans = self._plan(events, match_records, candidates, view, now_ms)
             merges = list({(m.absorbed, m.survivor): m for p in plans for m in p.merges}.values())
             if merges and await self.identity.set_parents(merges, now_ms):
                 self.metrics.identity_conflicts.labels("parent").inc()
@@ -239,6 +249,62 @@ class Pipeline:
                     notes.append(blocked_message(blocked, now_ms))
             return plans, notes
         raise RuntimeError(f"identity plan kept meeting concurrent merges ({_MAX_ROUNDS} rounds)")
+
+    async def _match_candidates(
+        self, events: list[Event], match_records: list[fuzzy.MatchRecord | None], view: GraphView
+    ) -> dict[int, dict[str, list[fuzzy.MatchRecord]]]:
+        """Fuzzy-match candidates, by root profile, for the events that carry a match
+        record and no known identifier (two or three round trips, only then)."""
+        wanted = [k for k, (e, r) in enumerate(zip(events, match_records)) if r is not None and not has_known_identifier(e, view, self.rules)]
+        if not wanted:
+            return {}
+        found = await self.matching.candidates([match_records[k] for k in wanted])
+        profile_ids = {p for per_event in found for p, _ in per_event}
+        view.add_nodes(await self.identity.read_nodes(profile_ids, known={p: None for p in view.ids}))
+        by_event: dict[int, dict[str, list[fuzzy.MatchRecord]]] = {}
+        for k, per_event in zip(wanted, found):
+            by_root: dict[str, list[fuzzy.MatchRecord]] = {}
+            for profile_id, records in per_event:
+                by_root.setdefault(view.root(profile_id), []).extend(records)
+            by_event[k] = by_root
+        # A candidate merged away has no records of its own (they moved to its root).
+        missing = {root for by_root in by_event.values() for root, records in by_root.items() if not records}
+        if missing:
+            records_of = await self.matching.records_of(sorted(missing))
+            for by_root in by_event.values():
+                for root in missing & by_root.keys():
+                    by_root[root] = records_of.get(root, [])
+        return by_event
+
+    def _plan(
+        self,
+        events: list[Event],
+        match_records: list[fuzzy.MatchRecord | None],
+        candidates: dict[int, dict[str, list[fuzzy.MatchRecord]]],
+        view: GraphView,
+        now_ms: int,
+    ) -> list[Plan]:
+        """Plan each event in order; an event with no known identifier may join the
+        profile its match record matches best (in Redis, or earlier in this batch)."""
+        hash_key = self.settings.id_hash_key
+        plans: list[Plan] = []
+        earlier: list[tuple[str, fuzzy.MatchRecord]] = []
+        for k, event in enumerate(events):
+            record = match_records[k]
+            matched = None
+            if record is not None and not has_known_identifier(event, view, self.rules):
+                by_root = {root: list(records) for root, records in candidates.get(k, {}).items()}
+                for profile_id, other in earlier:
+                    by_root.setdefault(view.root(profile_id), []).append(other)
+                best = fuzzy.best_match(record, sorted(by_root.items()), self.match_config) if by_root else None
+                if best is not None:
+                    matched = best[0]
+                    self.metrics.identity_fuzzy_matches.inc()
+            plan = plan_event(event, view, self.rules, lambda i: new_profile_id(i, hash_key, now_ms), matched)
+            plans.append(plan)
+            if record is not None:
+                earlier.append((plan.profile_id, record))
+        return plans
 
     async def _fold(self, absorbed: list[str], now_ms: int) -> None:
         """Fold each absorbed profile into its root, publish the merge, clean up."""
@@ -263,7 +329,9 @@ class Pipeline:
         self.metrics.identity_merges.inc(sum(1 for _, _, code in done if code == 1))
         await self.identity.cleanup([s.profile_id for s, _, _ in done], now_ms)
 
-    async def _apply(self, items: list[Accepted], plans: list[Plan], now_ms: int) -> tuple[list, list[bool]]:
+    async def _apply(
+        self, items: list[Accepted], plans: list[Plan], match_records: list[fuzzy.MatchRecord | None], now_ms: int
+    ) -> tuple[list, list[bool]]:
         """One pipelined round trip: claims (SET NX GET) and one APPLY_EVENT per event.
 
         Returns one reply per event (the Lua reply, or the exception Redis answered
@@ -276,18 +344,23 @@ class Pipeline:
         positions: list[int] = []
         claim_at: list[tuple[int, int, Identifier]] = []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for k, (item, plan) in enumerate(zip(items, plans)):
+            for k, (item, plan, record) in enumerate(zip(items, plans, match_records)):
                 for identifier in plan.claims:
                     claim_at.append((k, len(pipe.command_stack), identifier))
                     pipe.set(identifier_key(identifier, hash_key), plan.profile_id, nx=True, get=True)
-                held = {b.identifier for b in plan.blocked}
-                identifiers = [i for i in item.event.identifiers if i.type != PREVIOUS_ID and str(i) not in held]
                 keys, args = apply_event_call(
-                    item.event, plan.profile_id, item.record.origin, identifiers,
+                    item.event, plan.profile_id, item.record.origin, plan.keeps,
                     dedupe_ttl_s=self._dedupe_ttl_s, now_ms=now_ms,
+                    match_record=record.to_json() if record is not None else b"",
                 )
                 positions.append(len(pipe.command_stack))
                 pipe.evalsha(self._apply_sha, len(keys), *keys, *args)
+                if record is not None:
+                    # File the profile under the record's blocking keys (each its own
+                    # slot); a block may name a profile merged away later: readers
+                    # resolve it to its root.
+                    for key in self.matching.block_keys(record):
+                        pipe.eval(BOUNDED_SADD, 1, key, plan.profile_id, self.matching.max_block)
             replies = await pipe.execute(raise_on_error=False)
         event_replies = [replies[p] for p in positions]
         if any(isinstance(r, NoScriptError) for r in event_replies):

@@ -51,6 +51,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from agents.identity.fuzzy import MatchConfig, MatchRecord, best_match, blocking_keys, match_record
+from agents.identity.matching import DEFAULT_MAX_BLOCK, DEFAULT_MAX_CANDIDATES, DEFAULT_MAX_RECORDS, rank_candidates
 from streamcdp.linkage_data import LabelledRecord, generate_linkage_set
 
 log = logging.getLogger("bench.identity_accuracy")
@@ -133,28 +134,29 @@ def pair_scores(records: Sequence[LabelledRecord], pairs: Iterable[tuple[str, st
 
 
 class MemoryIndex:
-    """The Redis side of matching (``MatchStore``), in memory: blocks and match sets."""
+    """``MatchStore`` in memory, with its bounds and its ranking of candidates."""
 
-    def __init__(self, max_candidates: int = 50, max_block: int = 1000) -> None:
-        self.blocks: dict[str, list[str]] = defaultdict(list)
+    def __init__(
+        self, max_candidates: int = DEFAULT_MAX_CANDIDATES, max_block: int = DEFAULT_MAX_BLOCK, max_records: int = DEFAULT_MAX_RECORDS
+    ) -> None:
+        self.blocks: dict[str, set[str]] = defaultdict(set)
         self.records: dict[str, list[MatchRecord]] = defaultdict(list)
         self.max_candidates = max_candidates
         self.max_block = max_block
+        self.max_records = max_records
 
     def candidates(self, record: MatchRecord) -> list[tuple[str, list[MatchRecord]]]:
-        shared: Counter = Counter()
-        for key in blocking_keys(record):
-            shared.update(self.blocks.get(key, ()))
-        ranked = sorted(shared.items(), key=lambda item: (-item[1], item[0]))[: self.max_candidates]
-        return [(profile, self.records[profile]) for profile, _ in ranked]
+        ranked = rank_candidates([self.blocks.get(k, ()) for k in blocking_keys(record)], self.max_candidates)
+        return [(profile, sorted(self.records[profile], key=MatchRecord.to_json)) for profile in ranked]
 
     def remember(self, profile: str, record: MatchRecord) -> None:
-        if record not in self.records[profile]:
-            self.records[profile].append(record)
+        records = self.records[profile]
+        if record not in records and len(records) < self.max_records:
+            records.append(record)
         for key in blocking_keys(record):
             block = self.blocks[key]
-            if profile not in block and len(block) < self.max_block:
-                block.append(profile)
+            if len(block) < self.max_block:
+                block.add(profile)
 
 
 def offline_clusters(records: Sequence[LabelledRecord], config: MatchConfig, region: str = "US") -> dict[str, str]:

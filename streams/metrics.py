@@ -56,6 +56,11 @@ class Metrics:
             ["identifier_type"],
             registry=r,
         )
+        self.identity_fuzzy_matches = Counter(
+            "cdp_identity_fuzzy_matches_total",
+            "Events without a known identifier linked to a profile by fuzzy matching.",
+            registry=r,
+        )
         self.identity_conflicts = Counter(
             "cdp_identity_conflicts_total",
             "Times a batch's identity plan met a concurrent change (lost claim, second parent, "

@@ -23,6 +23,7 @@ the variable.
 | CDP_ID_HASH_KEY | (empty) | secret key for the keyed hashes that name identifier keys in Redis |
 | CDP_KAFKA_SESSION_TIMEOUT | 30s | how long the group waits for a silent (crashed) worker before moving its partitions |
 | CDP_IDENTITY_RULES | config/identity-rules.yaml | identity rules: per identifier type a priority and a limit |
+| CDP_MATCHING_CONFIG | config/matching.yaml | fuzzy matching model: field weights and threshold |
 | CDP_LOG_FORMAT | text | ``json`` for one JSON object per log line |
 | CDP_LOG_LEVEL | info | crit, error, warn, info, debug |
 """
@@ -111,6 +112,7 @@ class Settings:
     emit_resolved: bool = True
     id_hash_key: str = ""
     identity_rules: str = ""
+    matching_config: str = ""
     kafka_session_timeout_s: float = 30.0
     log_format: str = "text"
     log_level: str = "info"
@@ -175,6 +177,7 @@ _ENV = {
     "emit_resolved": ("CDP_EMIT_RESOLVED", _bool),
     "id_hash_key": ("CDP_ID_HASH_KEY", str),
     "identity_rules": ("CDP_IDENTITY_RULES", str.strip),
+    "matching_config": ("CDP_MATCHING_CONFIG", str.strip),
     "kafka_session_timeout_s": ("CDP_KAFKA_SESSION_TIMEOUT", parse_duration),
     "log_format": ("CDP_LOG_FORMAT", _choice("text", "json")),
     "log_level": ("CDP_LOG_LEVEL", _choice(*LOG_LEVELS)),

@@ -364,13 +364,20 @@ def blocking_keys(record: MatchRecord) -> list[str]:
                                      initial, for names typed badly
     ``nm:<Metaphone pair>``          both names' Metaphone codes, sorted: a person who
                                      moved and whose dob is missing or wrong
+    ``ad:<postcode>:<no>:<letter>``  postcode, house number and the street name's first
+                                     letter: both names badly typed, no date of birth
     ``ph:<phone>``                   the phone number: survives every name change
     ==============================  ==================================================
 
-    Names are taken without spaces; phonetic codes come from jellyfish.
+    Names are taken without spaces; phonetic codes come from jellyfish. A block
+    holds everyone sharing the key, so common names and shared family phones make
+    big blocks; ``MatchStore`` stops filling a block at a bound, and ranks
+    candidates by the number of keys they share.
 
-    >>> blocking_keys(MatchRecord(given_name="ann", surname="lee", dob="1984-03-07", postcode="2135"))
-    ['db:1984-03-07:a', 'db:1984-03-07:l', 'nm:AN|L', 'ny:AN:1984', 'ny:L:1984', 'sx:A500:2135', 'sx:L000:2135']
+    >>> ann = MatchRecord(given_name="ann", surname="lee", dob="1984-03-07", street="12 pinkerton cct", postcode="2135", phone="+14155550100")
+    >>> blocking_keys(ann)  # doctest: +NORMALIZE_WHITESPACE
+    ['ad:2135:12:p', 'db:1984-03-07:a', 'db:1984-03-07:l', 'nm:AN|L', 'ny:AN:1984', 'ny:LY:1984',
+     'ph:+14155550100', 'sx:A500:2135', 'sx:L000:2135']
     """
     keys: set[str] = set()
     names = [_compact(n) for n in (record.given_name, record.surname) if n]
@@ -385,6 +392,10 @@ def blocking_keys(record: MatchRecord) -> list[str]:
     if len(names) == 2:
         codes = sorted(jellyfish.metaphone(name) or name for name in names)
         keys.add(f"nm:{codes[0]}|{codes[1]}")
+    if record.street and record.postcode:
+        words = record.street.split(" ")
+        if len(words) > 1 and words[0].isdigit():
+            keys.add(f"ad:{record.postcode}:{words[0]}:{words[1][0]}")
     if record.phone:
         keys.add(f"ph:{record.phone}")
     return sorted(keys)
@@ -400,8 +411,8 @@ class FieldRule:
     ``agree``: equal after normalisation. ``close``: Jaro-Winkler similarity at least
     ``close_at`` (names, street, city), or one typo (date of birth: one digit,
     two adjacent digits swapped, or day and month swapped; postcode: one edit;
-    phone: the same last 8 digits). ``fuzzy``: Jaro-Winkler at least ``fuzzy_at``, the
-    same NYSIIS code, or one name being the other's initial (names, street only).
+    phone: the same last 8 digits). ``fuzzy``: Jaro-Winkler at least ``fuzzy_at``; for names also the same NYSIIS
+    code, one name being the other's initial, or two adjacent letters swapped.
     ``differ``: none of these, an outright conflict (negative or zero).
     """
 
@@ -429,7 +440,7 @@ _TOP_KEYS = ("threshold", "prior", "swap_penalty", "household_cap", "fields")
 # them equal). Tuned on FEBRL 4 and the synthetic set of streamcdp.linkage_data with
 # bench/identity_accuracy.py; see docs/matching.md.
 _BUILTIN: dict = {
-    "threshold": 0.995,
+    "threshold": 0.8,
     "prior": -14.0,
     "swap_penalty": 1.0,
     "household_cap": 12.0,
@@ -594,9 +605,16 @@ def _name_weight(x: str, y: str, rule: FieldRule) -> float:
         similarity >= rule.fuzzy_at
         or jellyfish.nysiis(_compact(x)) == jellyfish.nysiis(_compact(y))
         or (len(first_x) == 1 or len(first_y) == 1) and first_x[0] == first_y[0]
+        or _transposed(x, y)
     ):
         return rule.fuzzy
     return rule.differ
+
+
+def _transposed(x: str, y: str) -> bool:
+    """Two adjacent letters swapped ("ann" / "nan"): Jaro-Winkler is harsh on short
+    names typed this way."""
+    return len(x) == len(y) and sorted(x) == sorted(y) and jellyfish.damerau_levenshtein_distance(x, y) == 1
 
 
 def _dob_typo(a: str, b: str) -> bool:

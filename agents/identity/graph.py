@@ -70,6 +70,9 @@ class Plan:
     claims: tuple[Identifier, ...]
     merges: tuple[Merge, ...] = ()
     blocked: tuple[Blocked, ...] = ()
+    # Identifiers of the event that belong to the profile after this event (claimed
+    # now or already its own); never one kept apart or owned by another profile.
+    keeps: tuple[Identifier, ...] = ()
 
 
 class GraphView:
@@ -130,8 +133,8 @@ def plan_batch(
 
 
 def has_known_identifier(event: Event, view: GraphView, rules: IdentityRules) -> bool:
-    """Whether any identifier of ``event`` already belongs to a profile."""
-    return any(identifier in view.owner for identifier, _ in candidates(event, rules))
+    """Whether any strong identifier of ``event`` already belongs to a profile."""
+    return any(identifier in view.owner and rules.strong(identifier.type) for identifier, _ in candidates(event, rules))
 
 
 def plan_event(
@@ -151,9 +154,13 @@ def plan_event(
     cause: dict[str, str] = {}
     claims: list[Identifier] = []
     refused: list[tuple[str, str | None, tuple[str, ...]]] = []
+    weak_owned: list[tuple[Identifier, str]] = []
     for identifier, claimable in candidates(event, rules):
         text = str(identifier)
         owner = view.owner.get(identifier)
+        if owner is not None and not rules.strong(identifier.type):
+            weak_owned.append((identifier, view.root(owner)))
+            continue
         if owner is not None:
             root = view.root(owner)
             if root in group:
@@ -195,4 +202,10 @@ def plan_event(
         view.owner[identifier] = survivor
         survivor_ids.add(str(identifier))
     blocked = tuple(Blocked(text, owner, survivor, types, event.message_id) for text, owner, types in refused)
-    return Plan(survivor, tuple(claims), merges, blocked)
+    held_apart = {text for text, _, _ in refused}
+    weak_elsewhere = {i for i, root in weak_owned if view.root(root) != survivor}
+    keeps = tuple(
+        i for i in event.identifiers
+        if i.type != PREVIOUS_ID and str(i) not in held_apart and i not in weak_elsewhere
+    )
+    return Plan(survivor, tuple(claims), merges, blocked, keeps)

@@ -37,6 +37,9 @@ _BUILTIN = {
 class TypeRule:
     priority: int
     limit: int
+    # A weak identifier is kept on the profile that first had it (lookups find it)
+    # but never links two events by itself: households share phone numbers.
+    strong: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,16 @@ class IdentityRules:
     def priority(self, identifier_type: str) -> int:
         return self.rule(identifier_type).priority
 
+    def strong(self, identifier_type: str) -> bool:
+        return self.rule(identifier_type).strong
+
+    def to_document(self) -> dict:
+        """The rules as the YAML document they parse from."""
+        def rule(r: TypeRule) -> dict:
+            return {"priority": r.priority, "limit": r.limit, "strong": r.strong}
+
+        return {"identifiers": {t: rule(r) for t, r in self.types.items()}, "default": rule(self.default)}
+
     def violations(self, identifiers: Iterable[str]) -> list[str]:
         """Types whose count of distinct ``type:value`` identifiers exceeds the limit."""
         counts = Counter(i.split(":", 1)[0] for i in set(identifiers))
@@ -95,7 +108,7 @@ class IdentityRules:
 def _rule(value: object, path: str) -> TypeRule:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{path}: must be a mapping with 'priority' and 'limit'")
-    unknown = set(value) - {"priority", "limit"}
+    unknown = set(value) - {"priority", "limit", "strong"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     priority, limit = value.get("priority"), value.get("limit")
@@ -103,4 +116,7 @@ def _rule(value: object, path: str) -> TypeRule:
         raise ConfigError(f"{path}.priority: must be an integer, got {priority!r}")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ConfigError(f"{path}.limit: must be an integer >= 1, got {limit!r}")
-    return TypeRule(priority, limit)
+    strong = value.get("strong", True)
+    if not isinstance(strong, bool):
+        raise ConfigError(f"{path}.strong: must be true or false, got {strong!r}")
+    return TypeRule(priority, limit, strong)

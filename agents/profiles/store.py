@@ -58,7 +58,7 @@ local first = redis.call('HGET', KEYS[1], 'first_seen')
 if (not first) or ts < tonumber(first) then redis.call('HSET', KEYS[1], 'first_seen', ARGV[3]) end
 local last = redis.call('HGET', KEYS[1], 'last_seen')
 if (not last) or ts > tonumber(last) then redis.call('HSET', KEYS[1], 'last_seen', ARGV[3]) end
-if ARGV[8] ~= '' then redis.call('SADD', KEYS[8], ARGV[8]) end
+if ARGV[8] ~= '' and redis.call('SCARD', KEYS[8]) < 32 then redis.call('SADD', KEYS[8], ARGV[8]) end
 local n = tonumber(ARGV[9])
 local i = 10
 for _ = 1, n do

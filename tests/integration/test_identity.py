@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from agents.identity.graph import plan_batch
+from agents.identity.rules import IdentityRules
 from agents.pipeline import Pipeline
 from agents.profiles.store import find_profile_id, lookup_profile, read_profile, root_of
 from schemas.events import Identifier
@@ -272,3 +273,38 @@ async def test_two_workers_racing_on_many_partitions_converge(infra, producer):
         for w in workers:
             w.stop()
         await store.aclose()
+
+
+async def test_fuzzy_matching_links_a_walk_in_without_shared_identifiers(infra, producer, metrics):
+    """A CRM record with no identifier in common (a typo in the name, the phone
+    written nationally) joins the known customer; a family member sharing the phone
+    and address does not."""
+    settings = dataclasses.replace(infra, redis_url=_redis_url_with_db(infra.redis_url, 11))
+    store = aioredis.from_url(settings.redis_url)
+    await store.flushdb()
+    # Households share phone numbers: here the phone is a weak identifier.
+    rules = IdentityRules.parse({**IdentityRules.load().to_document(), "identifiers": {
+        **IdentityRules.load().to_document()["identifiers"], "phone": {"priority": 4, "limit": 5, "strong": False}}})
+    pipeline = Pipeline(settings, store, AiokafkaProducer(producer), metrics, rules=rules)
+    known = identify(userId=unique("u"), traits={
+        "firstName": "Katharina", "lastName": "Schmidt", "birthday": "1984-03-07", "phone": "+14155550123",
+        "address": {"street": "12 Elm Street", "postalCode": "94110", "city": "San Francisco"}})
+    await pipeline.handle([_record(known, 1)])
+    walk_in = identify(userId=None, context={"externalIds": [{"id": unique("crm"), "type": "crm_id"}]}, traits={
+        "first_name": "Katharine", "last_name": "Schmidt", "dob": "1984-03-07", "phone": "(415) 555-0123",
+        "street": "12 Elm St", "zip": "94110"})
+    sister = identify(userId=None, context={"externalIds": [{"id": unique("crm"), "type": "crm_id"}]}, traits={
+        "first_name": "Greta", "last_name": "Schmidt", "dob": "1990-11-21", "phone": "(415) 555-0123",
+        "street": "12 Elm Street", "zip": "94110"})
+    await pipeline.handle([_record(walk_in, 2), _record(sister, 3)])
+
+    customer = await lookup_profile(store, f"user_id:{known['userId']}", hash_key="", default_region="US")
+    crm_walk_in = walk_in["context"]["externalIds"][0]["id"]
+    crm_sister = sister["context"]["externalIds"][0]["id"]
+    assert f"crm_id:{crm_walk_in}" in customer["identifiers"], "the walk-in joins the known customer"
+    assert f"crm_id:{crm_sister}" not in customer["identifiers"], "a family member sharing phone and address stays apart"
+    assert customer["eventCount"] == 2
+    assert metrics.identity_fuzzy_matches._value.get() == 1
+    sisters = await lookup_profile(store, f"crm_id:{crm_sister}", hash_key="", default_region="US")
+    assert "phone:+14155550123" not in sisters["identifiers"], "a weak identifier stays with its first owner"
+    await store.aclose()

@@ -1,7 +1,7 @@
 import orjson
 import pytest
 
-from agents.identity.graph import GraphView, Node, candidates, identifiers_to_look_up, plan_batch, plan_event
+from agents.identity.graph import GraphView, Node, candidates, has_known_identifier, identifiers_to_look_up, plan_batch, plan_event
 from agents.identity.rules import IdentityRules
 from schemas.errors import ConfigError
 from schemas.events import Identifier, parse_event
@@ -132,3 +132,15 @@ def test_a_fuzzy_match_respects_merge_protection():
     g = view({}, [Node("p_1", identifiers=frozenset({"user_id:A"}))])
     plan = plan_event(ev(userId="B"), g, RULES, NewIds(), matched="p_1")
     assert plan.profile_id == "p_9001", "a second user_id may not join through a fuzzy match"
+
+
+def test_a_weak_identifier_is_kept_by_its_first_owner_and_links_nothing():
+    rules = IdentityRules.parse({"identifiers": {"phone": {"priority": 4, "limit": 5, "strong": False}}})
+    g = view({"phone:+14155550123": "p_1"}, [Node("p_1", identifiers=frozenset({"phone:+14155550123", "user_id:A"}))])
+    sister = ev(userId="B", context={"traits": {"phone": "+14155550123"}})
+    plan = plan_event(sister, g, rules, NewIds())
+    assert plan.profile_id == "p_9001" and plan.merges == () and plan.blocked == ()
+    assert [str(i) for i in plan.keeps] == ["user_id:B"], "the phone stays with its first owner"
+    assert not has_known_identifier(ev(context={"traits": {"phone": "+14155550123"}}), g, rules)
+    with pytest.raises(ConfigError, match="strong"):
+        IdentityRules.parse({"identifiers": {"phone": {"priority": 1, "limit": 1, "strong": "no"}}})
