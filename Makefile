@@ -49,6 +49,7 @@ integration: $(STAMP) infra
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/integration
 
 bench: $(STAMP) infra
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,bench]'
 	$(BIN)/python -m bench
 
 clean:

@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents.identity import fuzzy
 from agents.identity.graph import GraphView, Plan, has_known_identifier, plan_event
-from agents.identity.matching import BOUNDED_SADD, MatchStore
+from agents.identity.matching import BOUNDED_SADD, LocalBlocks, MatchStore
 from agents.identity.rules import IdentityRules
 from agents.identity.store import AbsorbedState, IdentityStore, blocked_message, merge_message
 from agents.ingest.core import PROCESSING_ERROR, Accepted, Rejected, split_batch
@@ -288,14 +288,14 @@ class Pipeline:
         profile its match record matches best (in Redis, or earlier in this batch)."""
         hash_key = self.settings.id_hash_key
         plans: list[Plan] = []
-        earlier: list[tuple[str, fuzzy.MatchRecord]] = []
+        earlier = LocalBlocks()  # this batch's records, blocked like those in Redis
         for k, event in enumerate(events):
             record = match_records[k]
             matched = None
             if record is not None and not has_known_identifier(event, view, self.rules):
                 by_root = {root: list(records) for root, records in candidates.get(k, {}).items()}
-                for profile_id, other in earlier:
-                    by_root.setdefault(view.root(profile_id), []).append(other)
+                for profile_id, others in earlier.candidates(record):
+                    by_root.setdefault(view.root(profile_id), []).extend(others)
                 best = fuzzy.best_match(record, sorted(by_root.items()), self.match_config) if by_root else None
                 if best is not None:
                     matched = best[0]
@@ -303,7 +303,7 @@ class Pipeline:
             plan = plan_event(event, view, self.rules, lambda i: new_profile_id(i, hash_key, now_ms), matched)
             plans.append(plan)
             if record is not None:
-                earlier.append((plan.profile_id, record))
+                earlier.remember(plan.profile_id, record)
         return plans
 
     async def _fold(self, absorbed: list[str], now_ms: int) -> None:

@@ -20,12 +20,16 @@ from the same run:
    than 3 of the 6 features agree), applied as a batch; on the synthetic set the
    same recipe over the corresponding columns, as deduplication;
 2. **offline, same model**: the records streamed in order through
-   ``match_record`` → ``blocking_keys`` → an in-memory block index →
+   ``match_record`` → ``blocking_keys`` in an in-memory block index (``LocalBlocks``) →
    ``best_match``, exactly as the pipeline uses them (incremental, no lookahead);
 3. **stream**: the events produced to a fresh single-partition Kafka topic, read
    back and handled by the real ``Pipeline`` on a flushed Redis database
    (``--redis-db``, default 10); each record's profile is then read from Redis
-   through its ``crm_id``. Skipped with ``--no-stream``.
+   through its ``crm_id``. Skipped with ``--no-stream``. For a set with phone
+   numbers (the synthetic one: households share them) it runs twice: with the
+   identity rules as configured (phone a strong identifier, so a shared number
+   links a household before matching is asked) and with ``phone: strong: false``
+   (the number stays on the profile; matching decides), see docs/matching.md.
 
 ``--sweep`` prints the offline figures over a range of thresholds (how the default
 in ``config/matching.yaml`` was chosen: the threshold with the best F1 among those
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import platform
@@ -50,8 +55,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
-from agents.identity.fuzzy import MatchConfig, MatchRecord, best_match, blocking_keys, match_record
-from agents.identity.matching import DEFAULT_MAX_BLOCK, DEFAULT_MAX_CANDIDATES, DEFAULT_MAX_RECORDS, rank_candidates
+from agents.identity.fuzzy import MatchConfig, best_match, match_record
+from agents.identity.matching import LocalBlocks
 from streamcdp.linkage_data import LabelledRecord, generate_linkage_set
 
 log = logging.getLogger("bench.identity_accuracy")
@@ -110,7 +115,13 @@ class Scores:
 
 
 def cluster_scores(records: Sequence[LabelledRecord], cluster_of: dict[str, str]) -> Scores:
-    """Pairwise scores of a clustering (record id → cluster id)."""
+    """Pairwise scores of a clustering (record id → cluster id).
+
+    >>> people = [LabelledRecord("a", "x", {}), LabelledRecord("b", "x", {}), LabelledRecord("c", "y", {}), LabelledRecord("d", "y", {})]
+    >>> s = cluster_scores(people, {"a": "1", "b": "1", "c": "1", "d": "2"})
+    >>> s.predicted, s.correct, s.truth, round(s.precision, 3), s.recall
+    (3, 1, 2, 0.333, 0.5)
+    """
     clusters: dict[str, list[str]] = defaultdict(list)
     for record in records:
         clusters[cluster_of[record.record_id]].append(record.entity)
@@ -123,7 +134,13 @@ def cluster_scores(records: Sequence[LabelledRecord], cluster_of: dict[str, str]
 
 
 def pair_scores(records: Sequence[LabelledRecord], pairs: Iterable[tuple[str, str]]) -> Scores:
-    """Pairwise scores of a set of predicted pairs (record id, record id)."""
+    """Pairwise scores of a set of predicted pairs (record id, record id).
+
+    >>> people = [LabelledRecord("a", "x", {}), LabelledRecord("b", "x", {}), LabelledRecord("c", "y", {})]
+    >>> s = pair_scores(people, [("a", "b"), ("b", "a"), ("b", "c")])
+    >>> s.predicted, s.correct, s.f1
+    (2, 1, 0.6666666666666666)
+    """
     entity = {r.record_id: r.entity for r in records}
     unique = {tuple(sorted(p)) for p in pairs if p[0] != p[1]}
     correct = sum(1 for a, b in unique if entity[a] == entity[b])
@@ -133,35 +150,9 @@ def pair_scores(records: Sequence[LabelledRecord], pairs: Iterable[tuple[str, st
 # ----------------------------------------------------------- offline, same model
 
 
-class MemoryIndex:
-    """``MatchStore`` in memory, with its bounds and its ranking of candidates."""
-
-    def __init__(
-        self, max_candidates: int = DEFAULT_MAX_CANDIDATES, max_block: int = DEFAULT_MAX_BLOCK, max_records: int = DEFAULT_MAX_RECORDS
-    ) -> None:
-        self.blocks: dict[str, set[str]] = defaultdict(set)
-        self.records: dict[str, list[MatchRecord]] = defaultdict(list)
-        self.max_candidates = max_candidates
-        self.max_block = max_block
-        self.max_records = max_records
-
-    def candidates(self, record: MatchRecord) -> list[tuple[str, list[MatchRecord]]]:
-        ranked = rank_candidates([self.blocks.get(k, ()) for k in blocking_keys(record)], self.max_candidates)
-        return [(profile, sorted(self.records[profile], key=MatchRecord.to_json)) for profile in ranked]
-
-    def remember(self, profile: str, record: MatchRecord) -> None:
-        records = self.records[profile]
-        if record not in records and len(records) < self.max_records:
-            records.append(record)
-        for key in blocking_keys(record):
-            block = self.blocks[key]
-            if len(block) < self.max_block:
-                block.add(profile)
-
-
 def offline_clusters(records: Sequence[LabelledRecord], config: MatchConfig, region: str = "US") -> dict[str, str]:
     """Stream the records through the model in order, as the pipeline does."""
-    index = MemoryIndex()
+    index = LocalBlocks()
     cluster_of: dict[str, str] = {}
     for n, record in enumerate(records):
         profile = f"p{n:07d}"  # ids sort by creation, like real profile ids
@@ -267,11 +258,19 @@ class _NullProducer:
         return future
 
 
+def weak_phone(rules):
+    """The identity rules with ``phone`` weak (``strong: false``): a shared number is
+    kept on the profile but links nothing on its own; matching decides."""
+    return dataclasses.replace(rules, types={**rules.types, "phone": dataclasses.replace(rules.rule("phone"), strong=False)})
+
+
 def _with_db(url: str, db: int) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
 
 
-async def stream_clusters(records: Sequence[LabelledRecord], settings, redis_db: int, batch: int = 500) -> tuple[dict[str, str], dict]:
+async def stream_clusters(
+    records: Sequence[LabelledRecord], settings, config: MatchConfig, redis_db: int, batch: int = 500, *, rules=None
+) -> tuple[dict[str, str], dict]:
     """Produce the records to a fresh topic, run them through ``Pipeline.handle`` from
     Kafka, and read back each record's profile (its root) by its crm_id."""
     import redis.asyncio as aioredis
@@ -302,7 +301,7 @@ async def stream_clusters(records: Sequence[LabelledRecord], settings, redis_db:
         finally:
             await producer.stop()
 
-        pipeline = Pipeline(settings, redis, _NullProducer(), Metrics())
+        pipeline = Pipeline(settings, redis, _NullProducer(), Metrics(), rules=rules, match_config=config)
         consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers(), enable_auto_commit=False, auto_offset_reset="earliest")
         await consumer.start()
         started = time.perf_counter()
@@ -385,21 +384,44 @@ def _header() -> str:
 
 
 def _machine() -> str:
-    import jellyfish
+    from importlib import metadata
+
     import recordlinkage
 
+    cpu = platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return (
-        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
-        f" jellyfish {jellyfish.__version__ if hasattr(jellyfish, '__version__') else '?'},"
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()},"
+        f" jellyfish {metadata.version('jellyfish')},"
         f" recordlinkage {recordlinkage.__version__}"
     )
+
+
+def _stream_row(label: str, records, settings, config: MatchConfig, rules, args) -> int:
+    """Run the stream and print its row; 1 if it failed."""
+    try:
+        clusters, stats = asyncio.run(stream_clusters(records, settings, config, args.redis_db, args.batch, rules=rules))
+    except Exception as exc:  # noqa: BLE001 - reported in the table, exit status 1
+        print(f"  {label:<28} failed: {type(exc).__name__}: {exc}")
+        return 1
+    scores = cluster_scores(records, clusters)
+    note = f"Kafka + Redis db {stats['redis_db']}, batches of {args.batch}, {stats['seconds']:.1f}s, {stats['processed']:,} processed"
+    if stats.get("dead_lettered"):
+        note += f", {stats['dead_lettered']:,} dead-lettered"
+    if scores.predicted == 0:
+        note += "  (no record was linked: is fuzzy matching wired into Pipeline?)"
+    print(_row(label, scores, note))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.identity_accuracy", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="synthetic set seed and stream order (default 0)")
     parser.add_argument("--households", type=int, default=2000, help="synthetic households (default 2000)")
-    parser.add_argument("--config", default=None, help="matching config file (default config/matching.yaml)")
+    parser.add_argument("--config", default=None, help="matching config file (default: CDP_MATCHING_CONFIG or config/matching.yaml)")
     parser.add_argument("--threshold", type=float, default=None, help="override the config's threshold")
     parser.add_argument("--sweep", action="store_true", help="also print offline figures over a range of thresholds")
     parser.add_argument("--no-stream", action="store_true", help="skip the run through Kafka, Redis and the pipeline")
@@ -407,14 +429,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-db", type=int, default=int(os.environ.get("CDP_ACCURACY_REDIS_DB", DEFAULT_REDIS_DB)),
                         help=f"Redis database the stream run flushes and uses (default {DEFAULT_REDIS_DB})")
     parser.add_argument("--only", choices=("febrl4", "synthetic"), default=None, help="one data set only")
+    parser.add_argument("--batch", type=int, default=500, help="records per Pipeline.handle call in the stream run (default 500, the worker's CDP_BATCH_MAX)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
 
+    from agents.identity.rules import IdentityRules
     from streams.settings import Settings
 
     settings = Settings.from_env()
-    config = MatchConfig.load(args.config)
+    config = MatchConfig.load(args.config or settings.matching_config or None)
+    rules = IdentityRules.load(settings.identity_rules or None)
     if args.threshold is not None:
         config = config.with_threshold(args.threshold)
 
@@ -439,19 +464,15 @@ def main(argv: list[str] | None = None) -> int:
         offline = cluster_scores(records, offline_clusters(records, config, settings.phone_default_region))
         print(_row("offline, same model", offline, f"incremental, {time.perf_counter() - started:.1f}s"))
         if not args.no_stream:
-            try:
-                clusters, stats = asyncio.run(stream_clusters(records, settings, args.redis_db))
-            except Exception as exc:  # noqa: BLE001 - reported in the table, exit status 1
-                failures += 1
-                print(f"  {'stream (Pipeline)':<28} failed: {type(exc).__name__}: {exc}")
-            else:
-                scores = cluster_scores(records, clusters)
-                note = f"Kafka + Redis db {stats['redis_db']}, {stats['seconds']:.1f}s, {stats['processed']:,} processed"
-                if stats.get("dead_lettered"):
-                    note += f", {stats['dead_lettered']:,} dead-lettered"
-                if scores.predicted == 0:
-                    note += "  (no record was linked: is fuzzy matching wired into Pipeline?)"
-                print(_row("stream (Pipeline)", scores, note))
+            runs = [("stream (Pipeline)", rules)]
+            region = settings.phone_default_region
+            if any((m := match_record(r.traits, region)) is not None and m.phone for r in records):
+                # The set has shared family phones: with phone a strong identifier (the
+                # default rules) a household's shared number links its members before
+                # matching is asked; with phone weak, matching decides.
+                runs = [("stream, rules as configured", rules), ("stream, phone strong: false", weak_phone(rules))]
+            for label, run_rules in runs:
+                failures += _stream_row(label, records, settings, config, run_rules, args)
         if args.sweep:
             print("  offline sweep:")
             for threshold in SWEEP:

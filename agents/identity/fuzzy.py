@@ -33,6 +33,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import date
+from functools import lru_cache
 from pathlib import Path
 
 import jellyfish
@@ -67,7 +68,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "config" / "matching
 class MatchRecord:
     """The normalised fields fuzzy matching compares; ``None`` when absent.
 
-    Text is lower-case ASCII words separated by single spaces; ``dob`` is
+    Text is lower-case words (accents dropped) separated by single spaces; ``dob`` is
     ``YYYY-MM-DD``; ``postcode`` has no spaces; ``phone`` is E.164.
     """
 
@@ -110,17 +111,18 @@ _FIELDS = tuple(f.name for f in fields(MatchRecord))
 # Letters NFKD does not decompose into ASCII.
 _LETTERS = str.maketrans({"ß": "ss", "æ": "ae", "œ": "oe", "ø": "o", "ł": "l", "đ": "d", "ð": "d", "þ": "th", "ı": "i"})
 _APOSTROPHES = str.maketrans("", "", "'’`´ʼ")
-_NOT_WORD = re.compile(r"[^a-z0-9]+")
+_NOT_WORD = re.compile(r"[\W_]+")
 
 
 def normalize_text(value: object) -> str | None:
-    """NFKD, accents stripped, lower case, apostrophes dropped, any other punctuation
-    a space, whitespace collapsed. ``None`` for non-strings and empty results.
+    """NFKD with accents (combining marks) dropped, lower case, apostrophes dropped,
+    any other punctuation a space, whitespace collapsed. Letters of other scripts are
+    kept (``Иван`` stays ``иван``). ``None`` for non-strings and empty results.
 
     >>> normalize_text("  O'Brien-Núñez, Zoë ")
     'obrien nunez zoe'
-    >>> normalize_text("Straße"), normalize_text("---")
-    ('strasse', None)
+    >>> normalize_text("Straße"), normalize_text("ＪＯＨＮ"), normalize_text("Иван"), normalize_text("---")
+    ('strasse', 'john', 'иван', None)
     """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
@@ -128,7 +130,8 @@ def normalize_text(value: object) -> str | None:
         return None
     text = value.lower().translate(_LETTERS).translate(_APOSTROPHES)
     if not text.isascii():
-        text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+        decomposed = unicodedata.normalize("NFKD", text)
+        text = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower().translate(_LETTERS)
     text = _NOT_WORD.sub(" ", text).strip()
     return text or None
 
@@ -449,7 +452,7 @@ _BUILTIN: dict = {
         "surname": {"agree": 6.0, "close": 4.0, "fuzzy": 1.5, "differ": -5.0, "close_at": 0.92, "fuzzy_at": 0.85},
         "dob": {"agree": 11.0, "close": 3.0, "differ": -12.0},
         "street": {"agree": 6.0, "close": 4.0, "fuzzy": 1.0, "differ": -2.0, "close_at": 0.92, "fuzzy_at": 0.85},
-        "postcode": {"agree": 3.0, "close": 1.0, "differ": -1.5},
+        "postcode": {"agree": 2.5, "close": 1.0, "differ": -1.5},
         "city": {"agree": 1.0, "close": 0.5, "differ": -0.5, "close_at": 0.92},
         "phone": {"agree": 9.0, "close": 3.0, "differ": -3.0},
     },
@@ -592,23 +595,40 @@ def _field_rule(value: object, name: str, where: str) -> FieldRule:
 # ------------------------------------------------------------------ scoring
 
 
-def _name_weight(x: str, y: str, rule: FieldRule) -> float:
+_AGREE, _CLOSE, _FUZZY, _DIFFER = range(4)
+
+
+@lru_cache(maxsize=1 << 16)
+def _nysiis(name: str) -> str:
+    """NYSIIS of a name without spaces; cached, as the same names are compared often."""
+    return jellyfish.nysiis(_compact(name))
+
+
+def _weight(rule: FieldRule, level: int) -> float:
+    return (rule.agree, rule.close, rule.fuzzy, rule.differ)[level]
+
+
+def _name_level(x: str, y: str, close_at: float, fuzzy_at: float) -> int:
     if x == y:
-        return rule.agree
+        return _AGREE
     similarity = jellyfish.jaro_winkler_similarity(x, y)
-    if similarity >= rule.close_at:
-        return rule.close
+    if similarity >= close_at:
+        return _CLOSE
     first_x, first_y = x.split(" ", 1)[0], y.split(" ", 1)[0]
     if first_x == first_y and len(first_x) > 1:  # "mary ann" / "mary"
-        return rule.close
+        return _CLOSE
     if (
-        similarity >= rule.fuzzy_at
-        or jellyfish.nysiis(_compact(x)) == jellyfish.nysiis(_compact(y))
+        similarity >= fuzzy_at
+        or _nysiis(x) == _nysiis(y)
         or (len(first_x) == 1 or len(first_y) == 1) and first_x[0] == first_y[0]
         or _transposed(x, y)
     ):
-        return rule.fuzzy
-    return rule.differ
+        return _FUZZY
+    return _DIFFER
+
+
+def _name_weight(x: str, y: str, rule: FieldRule) -> float:
+    return _weight(rule, _name_level(x, y, rule.close_at, rule.fuzzy_at))
 
 
 def _transposed(x: str, y: str) -> bool:
@@ -639,82 +659,103 @@ def _similar_weight(x: str, y: str, rule: FieldRule, has_fuzzy: bool) -> float:
     return rule.differ
 
 
-def explain(a: MatchRecord, b: MatchRecord, config: MatchConfig) -> dict[str, float]:
-    """The weight each field contributed to ``score(a, b)``, and the totals.
+def _crossed(a: MatchRecord, b: MatchRecord, config: MatchConfig) -> tuple[float | None, float | None]:
+    """Crosswise name weights (given, surname): a.given ↔ b.surname and a.surname ↔
+    b.given. Which of each pair is the given name is unknown, so the two pairs get
+    the given-name and surname weights the way that gives the lower total."""
+    g, s = config.given_name, config.surname
+    same_cutoffs = g.close_at == s.close_at and g.fuzzy_at == s.fuzzy_at
+    pairs = []
+    for x, y in ((a.given_name, b.surname), (a.surname, b.given_name)):
+        if x and y:
+            level = _name_level(x, y, g.close_at, g.fuzzy_at)
+            other = level if same_cutoffs else _name_level(x, y, s.close_at, s.fuzzy_at)
+            pairs.append((_weight(g, level), _weight(s, other)))
+        else:
+            pairs.append(None)
+    first, second = pairs
+    options = (
+        (first[0] if first else None, second[1] if second else None),  # a's given name is a given name
+        (second[0] if second else None, first[1] if first else None),  # a's given name is a surname
+    )
+    return min(options, key=lambda o: (o[0] or 0.0) + (o[1] or 0.0))
 
-    Keys: the fields both records have; ``names`` says ``straight`` or ``swapped``
-    (as 0.0/1.0); ``household`` the capped household sum; ``total`` the log2 odds.
-    """
-    parts: dict[str, float] = {}
-    # Names: compared straight and crosswise (given ↔ surname); the better pairing
-    # counts. Crosswise, which of the two is the given name is unknown, so the
-    # weights are assigned the way that gives the lower total.
-    straight: dict[str, float] = {}
+
+def _weigh(a: MatchRecord, b: MatchRecord, config: MatchConfig, parts: dict[str, float] | None) -> float:
+    """The total log2 odds of ``score``; fills ``parts`` when given (``explain``)."""
+    given = surname = None
     if a.given_name and b.given_name:
-        straight["given_name"] = _name_weight(a.given_name, b.given_name, config.given_name)
+        given = _name_weight(a.given_name, b.given_name, config.given_name)
     if a.surname and b.surname:
-        straight["surname"] = _name_weight(a.surname, b.surname, config.surname)
-    crossed: dict[str, float] = {}
-    first = (a.given_name, b.surname) if a.given_name and b.surname else None
-    second = (a.surname, b.given_name) if a.surname and b.given_name else None
-    if first or second:
-        options = []
-        for rule_1, rule_2, name_1, name_2 in (
-            (config.given_name, config.surname, "given_name", "surname"),
-            (config.surname, config.given_name, "surname", "given_name"),
-        ):
-            option = {}
-            if first:
-                option[name_1] = _name_weight(first[0], first[1], rule_1)
-            if second:
-                option[name_2] = _name_weight(second[0], second[1], rule_2)
-            options.append(option)
-        crossed = min(options, key=lambda option: sum(option.values()))
-    swapped = bool(crossed) and sum(crossed.values()) - config.swap_penalty > sum(straight.values())
-    names = crossed if swapped else straight
-    parts.update(names)
-    if swapped:
-        parts["swap_penalty"] = -config.swap_penalty
-    parts["names_swapped"] = 1.0 if swapped else 0.0
+        surname = _name_weight(a.surname, b.surname, config.surname)
+    straight = (given or 0.0) + (surname or 0.0)
+    swapped = False
+    cross_1 = a.given_name and b.surname
+    cross_2 = a.surname and b.given_name
+    if cross_1 or cross_2:
+        # Skip the crosswise comparison when it cannot beat the straight one.
+        best = max(config.given_name.agree, config.surname.agree)
+        if (best if cross_1 else 0.0) + (best if cross_2 else 0.0) - config.swap_penalty > straight:
+            crossed_given, crossed_surname = _crossed(a, b, config)
+            if (crossed_given or 0.0) + (crossed_surname or 0.0) - config.swap_penalty > straight:
+                given, surname, swapped = crossed_given, crossed_surname, True
 
+    dob = street = postcode = city = phone = None
     if a.dob and b.dob:
         rule = config.dob
-        parts["dob"] = rule.agree if a.dob == b.dob else rule.close if _dob_typo(a.dob, b.dob) else rule.differ
+        dob = rule.agree if a.dob == b.dob else rule.close if _dob_typo(a.dob, b.dob) else rule.differ
     if a.street and b.street:
-        parts["street"] = _similar_weight(a.street, b.street, config.street, True)
+        street = _similar_weight(a.street, b.street, config.street, True)
     if a.postcode and b.postcode:
         rule = config.postcode
         if a.postcode == b.postcode:
-            parts["postcode"] = rule.agree
+            postcode = rule.agree
         elif jellyfish.damerau_levenshtein_distance(a.postcode, b.postcode) == 1:
-            parts["postcode"] = rule.close
+            postcode = rule.close
         else:
-            parts["postcode"] = rule.differ
+            postcode = rule.differ
     if a.city and b.city:
-        parts["city"] = _similar_weight(a.city, b.city, config.city, False)
+        city = _similar_weight(a.city, b.city, config.city, False)
     if a.phone and b.phone:
         rule = config.phone
-        if a.phone == b.phone:
-            parts["phone"] = rule.agree
-        elif a.phone[-8:] == b.phone[-8:]:
-            parts["phone"] = rule.close
-        else:
-            parts["phone"] = rule.differ
+        phone = rule.agree if a.phone == b.phone else rule.close if a.phone[-8:] == b.phone[-8:] else rule.differ
 
-    household = 0.0
-    positive = 0.0
-    for name in ("surname", "street", "postcode", "city", "phone"):
-        weight = parts.get(name)
-        if weight is None:
-            continue
-        if weight > 0:
-            positive += weight
-        else:
-            household += weight
-    household += min(positive, config.household_cap)
-    person = sum(parts.get(n, 0.0) for n in ("given_name", "dob", "swap_penalty"))
-    parts["household"] = household
-    parts["total"] = config.prior + person + household
+    positive = negative = 0.0
+    for weight in (surname, street, postcode, city, phone):
+        if weight is not None:
+            if weight > 0:
+                positive += weight
+            else:
+                negative += weight
+    household = negative + min(positive, config.household_cap)
+    penalty = config.swap_penalty if swapped else 0.0
+    total = config.prior + (given or 0.0) + (dob or 0.0) - penalty + household
+    if parts is not None:
+        for name, weight in (("given_name", given), ("surname", surname), ("dob", dob), ("street", street),
+                             ("postcode", postcode), ("city", city), ("phone", phone)):
+            if weight is not None:
+                parts[name] = weight
+        if swapped:
+            parts["swap_penalty"] = -penalty
+        parts["names_swapped"] = 1.0 if swapped else 0.0
+        parts["household"] = household
+        parts["total"] = total
+    return total
+
+
+def explain(a: MatchRecord, b: MatchRecord, config: MatchConfig) -> dict[str, float]:
+    """The weight each field contributed to ``score(a, b)``, and the totals.
+
+    Keys: the fields both records have (names as finally paired);
+    ``names_swapped`` 1.0 when the names counted crosswise, with ``swap_penalty``;
+    ``household`` the capped sum of surname, street, postcode, city and phone;
+    ``total`` the log2 odds.
+
+    >>> explain(MatchRecord("ann", "lee", "1984-03-07"), MatchRecord("lee", "ann", "1984-03-07"), MatchConfig.builtin())
+    {'given_name': 6.0, 'surname': 6.0, 'dob': 11.0, 'swap_penalty': -1.0, 'names_swapped': 1.0, 'household': 6.0, 'total': 8.0}
+    """
+    parts: dict[str, float] = {}
+    _weigh(a, b, config, parts)
     return parts
 
 
@@ -729,7 +770,7 @@ def score(a: MatchRecord, b: MatchRecord, config: MatchConfig) -> float:
     and phone together add at most ``household_cap``; their negative weights are
     never capped. A field missing on either side adds nothing.
     """
-    total = explain(a, b, config)["total"]
+    total = _weigh(a, b, config, None)
     if total > 60:
         return 1.0
     if total < -60:

@@ -83,6 +83,48 @@ def rank_candidates(members: Sequence[Sequence[bytes | str]], limit: int) -> lis
     return [profile_id for profile_id, _ in ranked[:limit]]
 
 
+class LocalBlocks:
+    """The same blocks, bounds and ranking as :class:`MatchStore`, in memory (pure).
+
+    For records not in Redis yet (the earlier events of a batch: compare a record
+    only with those sharing a blocking key, not with the whole batch) and for the
+    offline evaluation in ``bench/identity_accuracy.py``.
+
+    >>> from agents.identity.fuzzy import MatchRecord
+    >>> local = LocalBlocks()
+    >>> local.remember("p_1", MatchRecord(given_name="ann", surname="lee", dob="1984-03-07"))
+    >>> [p for p, _ in local.candidates(MatchRecord(given_name="anne", surname="lee", dob="1984-03-07"))]
+    ['p_1']
+    """
+
+    def __init__(
+        self,
+        max_candidates: int = DEFAULT_MAX_CANDIDATES,
+        *,
+        max_block: int = DEFAULT_MAX_BLOCK,
+        max_records: int = DEFAULT_MAX_RECORDS,
+    ) -> None:
+        self.blocks: dict[str, set[str]] = {}
+        self.records: dict[str, list[MatchRecord]] = {}
+        self.max_candidates = max_candidates
+        self.max_block = max_block
+        self.max_records = max_records
+
+    def candidates(self, record: MatchRecord) -> list[tuple[str, list[MatchRecord]]]:
+        """Profiles sharing a blocking key with ``record``, ranked as MatchStore ranks them."""
+        ranked = rank_candidates([self.blocks.get(k, ()) for k in blocking_keys(record)], self.max_candidates)
+        return [(p, sorted(self.records.get(p, []), key=MatchRecord.to_json)) for p in ranked]
+
+    def remember(self, profile_id: str, record: MatchRecord) -> None:
+        records = self.records.setdefault(profile_id, [])
+        if record not in records and len(records) < self.max_records:
+            records.append(record)
+        for key in blocking_keys(record):
+            block = self.blocks.setdefault(key, set())
+            if len(block) < self.max_block:
+                block.add(profile_id)
+
+
 class MatchStore:
     """Blocks and match records over an asyncio Redis client (bytes or str replies)."""
 

@@ -25,7 +25,7 @@ _BUILTIN = {
         "user_id": {"priority": 1, "limit": 1},
         "loyalty_id": {"priority": 2, "limit": 1},
         "email": {"priority": 3, "limit": 5},
-        "phone": {"priority": 4, "limit": 5},
+        "phone": {"priority": 4, "limit": 5, "strong": False},
         "device_id": {"priority": 5, "limit": 100},
         "anonymous_id": {"priority": 6, "limit": 1000},
     },

@@ -3,12 +3,14 @@ scoring, best match, and the config file."""
 
 from __future__ import annotations
 
+import doctest
 import random
 from pathlib import Path
 
 import pytest
 import yaml
 
+import agents.identity.fuzzy
 from agents.identity.fuzzy import (
     DEFAULT_CONFIG_PATH,
     MatchConfig,
@@ -48,6 +50,8 @@ ANN = rec(given_name="ann", surname="lee", dob="1984-03-07", street="12 pinkerto
         ("Łukasz Ørsted", "lukasz orsted"),
         ("José\tGarcía", "jose garcia"),
         ("Ｊｏｈｎ", "john"),  # full-width letters
+        ("Иван Петров", "иван петров"),  # other scripts are kept
+        ("Ελένη", "ελενη"),
         ("...", None),
         ("", None),
         (None, None),
@@ -191,6 +195,13 @@ def test_blocking_keys_survive_typos_swaps_and_moves():
     assert not shares(ANN, rec(given_name="bob", surname="smith", dob="1970-01-02", postcode="4000"))
 
 
+def test_names_in_other_scripts_match_and_block():
+    a = match_record({"firstName": "Иван", "lastName": "Петров", "birthday": "1980-01-02"})
+    b = match_record({"firstName": "Иван", "lastName": "Петрв", "birthday": "1980-01-02"})
+    assert set(blocking_keys(a)) & set(blocking_keys(b))
+    assert score(a, b, CONFIG) >= CONFIG.threshold
+
+
 def test_a_record_with_only_a_name_and_phone_has_keys():
     assert "ph:+14155550100" in blocking_keys(rec(given_name="ann", phone="+14155550100"))
 
@@ -251,6 +262,9 @@ def test_twins_with_other_given_names_do_not_merge():
 def test_the_same_name_with_nothing_else_in_common_does_not_match():
     assert not matches(rec(given_name="ann", surname="lee", dob="1984-03-07"), rec(given_name="ann", surname="lee", phone="+14155550199"))
     assert not matches(rec(given_name="ann", surname="lee", dob="1984-03-07"), rec(given_name="ann", surname="lee", street="1 main st", postcode="2000"))
+    # the same name in the same postcode and town, nothing personal in common
+    same_area = rec(given_name="ann", surname="lee", phone="+14155550199", postcode="2135", city="richlands")
+    assert not matches(rec(given_name="ann", surname="lee", dob="1984-03-07", postcode="2135", city="richlands"), same_area)
 
 
 def test_missing_fields_neither_help_nor_hurt_and_conflicts_hurt():
@@ -382,3 +396,8 @@ def test_config_load_errors(tmp_path: Path):
     assert CONFIG.with_threshold(0.9).threshold == 0.9
     with pytest.raises(ConfigError):
         CONFIG.with_threshold(0)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(agents.identity.fuzzy, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -3,6 +3,7 @@ each into an identify event (or a reported error)."""
 
 from __future__ import annotations
 
+import doctest
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import orjson
 import pytest
 
 from schemas.events import parse_event
+import streamcdp.importer
 from streamcdp.importer import (
     Built,
     Failed,
@@ -203,3 +205,8 @@ def test_topic_for_checks_the_channel():
         topic_for("nowhere")
     with pytest.raises(ImportFileError, match="lower-case letters"):
         topic_for("CRM data")
+
+
+def test_docstring_examples():
+    result = doctest.testmod(streamcdp.importer, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

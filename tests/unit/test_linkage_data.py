@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import doctest
 from collections import Counter
 
 import orjson
 
 from agents.identity.fuzzy import match_record
+import streamcdp.linkage_data
 from streamcdp.linkage_data import generate_linkage_set, import_rows, main
 
 
@@ -45,3 +47,15 @@ def test_main_writes_import_rows_and_truth(tmp_path, capsys):
     assert all("external_id.crm_id" in row for row in expected)
     assert truth.read_text().splitlines()[0] == "crm_id,entity"
     assert orjson.loads(capsys.readouterr().out)["records"] == len(lines)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(streamcdp.linkage_data, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_benchmark_scoring_examples():
+    import bench.identity_accuracy
+
+    result = doctest.testmod(bench.identity_accuracy)
+    assert result.attempted > 0 and result.failed == 0
