@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
     generate.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same events")
     generate.add_argument("--bad-ratio", type=float, default=0.0, help="share of malformed records, 0..1 (default 0)")
+    generate.add_argument(
+        "--linkage", nargs=2, metavar=("ROWS.jsonl", "TRUTH.csv"),
+        help="instead of producing traffic, write a labelled record-linkage set (households with typos, "
+        "swapped names, moves and shared phones) as an import file plus its truth (crm_id,entity)",
+    )
+    generate.add_argument("--households", type=int, default=2000, help="households in the --linkage set (default 2000)")
     generate.set_defaults(run=_run_generate)
 
     importer = commands.add_parser(
@@ -88,6 +94,23 @@ def _parser() -> argparse.ArgumentParser:
     importer.add_argument("--channel", default="crm", help="channel and topic suffix (default crm)")
     importer.add_argument("--format", choices=("csv", "jsonl"), default=None, help="override the format guessed from the extension")
     importer.set_defaults(run=_run_import)
+
+    dlq = commands.add_parser("dlq", help="the dead-letter topic")
+    dlq_commands = dlq.add_subparsers(title="dlq commands", metavar="ACTION")
+    replay = dlq_commands.add_parser(
+        "replay",
+        help="send dead letters back to their source topics (after fixing a producer)",
+        description="Read cdp.events.dead-letter and produce each record's original key and bytes back to "
+        "the topic it came from (header cdp.dlq.source.topic). Events that already went through are "
+        "dropped again by messageId de-duplication. See docs/operations.md.",
+    )
+    replay.add_argument("--reason", help="only dead letters with this cdp.dlq.reason, e.g. schema_violation")
+    replay.add_argument("--since", help="only dead letters rejected at or after this time (ISO 8601, or e.g. 2h for the last two hours)")
+    replay.add_argument("--until", help="only dead letters rejected before this time (ISO 8601 or a duration ago)")
+    replay.add_argument("--limit", type=int, help="replay at most this many")
+    replay.add_argument("--source", default="cdp.events.dead-letter", help="the dead-letter topic to read (default cdp.events.dead-letter)")
+    replay.add_argument("--dry-run", action="store_true", help="count what would be replayed, send nothing")
+    replay.set_defaults(run=_run_dlq_replay)
 
     topics = commands.add_parser("topics", help="Kafka topics streamcdp uses")
     topics_commands = topics.add_subparsers(title="topics commands", metavar="ACTION")
@@ -124,6 +147,10 @@ def _run_collector(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_generate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.linkage:
+        from streamcdp.linkage_data import write_linkage_files
+
+        return write_linkage_files(args.linkage[0], args.linkage[1], args.seed, args.households)
     from streamcdp.generate import run_generate
 
     if args.count < 0 or not 0.0 <= args.bad_ratio <= 1.0 or (args.rate is not None and args.rate <= 0):
@@ -136,6 +163,15 @@ def _run_import(args: argparse.Namespace, settings: Settings) -> int:
     from streamcdp.importer import run_import
 
     return run_import(settings, args.file, args.channel, args.format)
+
+
+def _run_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from streamcdp.replay import run_replay
+
+    return run_replay(
+        settings, source=args.source, reason=args.reason, since=args.since, until=args.until,
+        limit=args.limit, dry_run=args.dry_run,
+    )
 
 
 def _run_topics_create(args: argparse.Namespace, settings: Settings) -> int:

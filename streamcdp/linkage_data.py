@@ -299,11 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--households", type=int, default=2000)
     args = parser.parse_args(argv)
-    records = generate_linkage_set(args.seed, args.households)
-    with open(args.rows, "wb") as rows:
+    return write_linkage_files(args.rows, args.truth, args.seed, args.households)
+
+
+def write_linkage_files(rows_path: str, truth_path: str, seed: int = 0, households: int = 2000) -> int:
+    """Write the labelled set as an import file and its truth; print a summary."""
+    records = generate_linkage_set(seed, households)
+    with open(rows_path, "wb") as rows:
         for row in import_rows(records):
             rows.write(orjson.dumps(row) + b"\n")
-    with open(args.truth, "w") as truth:
+    with open(truth_path, "w") as truth:
         truth.write("crm_id,entity\n")
         for record in records:
             truth.write(f"{record.record_id},{record.entity}\n")
