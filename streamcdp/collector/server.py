@@ -259,9 +259,10 @@ async def serve(
         access_log=None,
         shutdown_timeout=PRODUCE_TIMEOUT_S + 2,  # what is left after our own wait below
     )
+    own_signals = stop is None
+    loop = asyncio.get_running_loop()
     if stop is None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     await runner.setup()
@@ -276,6 +277,12 @@ async def serve(
             "accepted as channel web" if keys.allow_anonymous else "refused",
         )
         await stop.wait()
+        if own_signals:
+            # Shutting down already: a repeated SIGTERM/SIGINT (a process manager
+            # insisting) must not cut the flush short or turn a clean exit into -15.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
         log.info("stopping: finishing %d requests in flight, then flushing the producer", app[IN_FLIGHT].count)
         await site.stop()  # no new connections; open ones may finish their requests
         grace_s = PRODUCE_TIMEOUT_S + 2
