@@ -52,6 +52,7 @@ class WorkerState:
         self._pipeline: Pipeline | None = None
         self.next_offsets: dict[tuple[str, int], int] = {}
         self._redis_ok_at = 0.0
+        self._lag_labels: set[tuple[str, str]] = set()
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -85,7 +86,10 @@ class WorkerState:
         return True, "ok"
 
     def update_lag(self) -> None:
+        """Lag per assigned input partition; series of partitions this worker no
+        longer owns are removed, so they do not linger at a stale value."""
         consumer = self.app.consumer
+        current: set[tuple[str, str]] = set()
         for tp in consumer.assignment():
             if tp.topic not in INBOUND:
                 continue
@@ -95,7 +99,12 @@ class WorkerState:
             position = self.next_offsets.get((tp.topic, tp.partition))
             if position is None:
                 continue
-            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+            labels = (tp.topic, str(tp.partition))
+            current.add(labels)
+            self.metrics.consumer_lag.labels(*labels).set(max(0, highwater - position))
+        for labels in self._lag_labels - current:
+            self.metrics.consumer_lag.remove(*labels)
+        self._lag_labels = current
 
 
 def record_of(message) -> Record:

@@ -106,3 +106,27 @@ class Metrics:
             registry=r,
         )
         self.up = Gauge("cdp_worker_ready", "1 while the worker is ready to process events.", registry=r)
+        self._precreate()
+
+    def _precreate(self) -> None:
+        """Create the known label sets at zero, so a series exists before its first
+        increment and rate() sees that first burst."""
+        from schemas.events import RejectReason
+        from streams.topics import DEAD_LETTER, IDENTITY_MERGES, INBOUND, RESOLVED
+
+        for topic in INBOUND:
+            self.events_consumed.labels(topic)
+        for topic in (RESOLVED, DEAD_LETTER, IDENTITY_MERGES):
+            self.events_produced.labels(topic)
+            self.kafka_errors.labels(topic)
+        for reason in (*(r.value for r in RejectReason), "processing_error", "store_error"):
+            self.dead_letters.labels(reason)
+        for kind in ("redelivery", "resend"):
+            self.duplicates.labels(kind)
+        for kind in ("claim", "parent", "moved"):
+            self.identity_conflicts.labels(kind)
+        for stage in ("ingest", "identity", "profile", "output"):
+            self.stage_latency.labels(stage)
+        for op in ("identity", "profile"):
+            self.redis_latency.labels(op)
+            self.redis_errors.labels(op)
