@@ -38,9 +38,10 @@ from pathlib import Path
 
 import jellyfish
 import orjson
-import yaml
+
 
 from schemas.errors import ConfigError
+from streams.config_files import load_document
 from schemas.identifiers import normalize_phone
 
 __all__ = [
@@ -490,17 +491,10 @@ class MatchConfig:
     def load(cls, path: str | Path | None = None) -> "MatchConfig":
         """The model in ``path`` (the ``CDP_MATCHING_CONFIG`` file); the shipped
         ``config/matching.yaml`` when None (the built-in model if it is absent)."""
-        if path is None or path == "":
-            if not DEFAULT_CONFIG_PATH.exists():
-                return cls.builtin()
-            path = DEFAULT_CONFIG_PATH
-        try:
-            document = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"matching config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"matching config file {path} is not valid YAML: {exc}") from None
-        return cls.parse(document, source=str(path))
+        document = load_document(path, DEFAULT_CONFIG_PATH, "matching config")
+        if document is None:
+            return cls.builtin()
+        return cls.parse(document, source=str(path or DEFAULT_CONFIG_PATH))
 
     @classmethod
     def parse(cls, document: object, *, source: str = "matching config") -> "MatchConfig":

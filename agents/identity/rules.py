@@ -15,9 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from schemas.errors import ConfigError
+from streams.config_files import load_document
 
 DEFAULT_RULES_PATH = Path(__file__).resolve().parents[2] / "config" / "identity-rules.yaml"
 _BUILTIN = {
@@ -54,17 +53,10 @@ class IdentityRules:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "IdentityRules":
         """Rules from ``path``; the shipped file when None (built-in if it is absent)."""
-        if path is None:
-            if not DEFAULT_RULES_PATH.exists():
-                return cls.builtin()
-            path = DEFAULT_RULES_PATH
-        try:
-            document = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"identity rules file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"identity rules file {path} is not valid YAML: {exc}") from None
-        return cls.parse(document, source=str(path))
+        document = load_document(path, DEFAULT_RULES_PATH, "identity rules")
+        if document is None:
+            return cls.builtin()
+        return cls.parse(document, source=str(path or DEFAULT_RULES_PATH))
 
     @classmethod
     def parse(cls, document: object, *, source: str = "identity rules") -> "IdentityRules":
