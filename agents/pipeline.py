@@ -33,15 +33,16 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents.identity import fuzzy
-from agents.identity.graph import GraphView, Plan, has_known_identifier, plan_event
-from agents.identity.matching import BOUNDED_SADD, LocalBlocks, MatchStore
+from agents.identity.graph import Plan
+from agents.identity.matching import BOUNDED_SADD, MatchStore
+from agents.identity.resolver import IdentityResolver
 from agents.identity.rules import IdentityRules
-from agents.identity.store import AbsorbedState, IdentityStore, blocked_message, merge_message
+from agents.identity.store import IdentityStore
 from agents.ingest.core import PROCESSING_ERROR, Accepted, Rejected, split_batch
 from agents.profiles.store import APPLY_EVENT, ApplyStatus, apply_event_call
 from schemas.events import Event, Identifier
 from streams.deadletter import dead_letter
-from streams.keys import ProfileKeys, identifier_key, new_profile_id
+from streams.keys import ProfileKeys, identifier_key
 from streams.metrics import Metrics
 from streams.output import Producer, deliver
 from streams.records import OutboundMessage, Record
@@ -85,6 +86,9 @@ class Pipeline:
         self.match_config = match_config if match_config is not None else fuzzy.MatchConfig.load(settings.matching_config or None)
         self.identity = IdentityStore(redis, self.rules, settings.id_hash_key)
         self.matching = MatchStore(redis, settings.id_hash_key)
+        self.resolver = IdentityResolver(
+            self.identity, self.matching, self.rules, self.match_config, producer, metrics, hash_key=settings.id_hash_key
+        )
         self.redis = redis
         self.producer = producer
         self.metrics = metrics
@@ -179,7 +183,7 @@ class Pipeline:
             items = [accepted[i] for i in todo]
             records = [match_records[i] for i in todo]
             started = time.perf_counter()
-            plans, notes = await self._redis("identity", self._resolve, [a.event for a in items], records, now_ms)
+            plans, notes = await self._redis("identity", self.resolver.resolve, [a.event for a in items], records, now_ms)
             outputs.extend(notes)
             self.metrics.stage_latency.labels("identity").observe(time.perf_counter() - started)
             started = time.perf_counter()
@@ -224,110 +228,6 @@ class Pipeline:
             if self.settings.emit_resolved:
                 outputs.append(resolved_message(item, profile_id))
         return outputs
-
-    async def _resolve(
-        self, events: list[Event], match_records: list[fuzzy.MatchRecord | None], now_ms: int
-    ) -> tuple[list[Plan], list[OutboundMessage]]:
-        """Plan the events' profiles; set parents and finish folds for the merges.
-        Returns the plans and the merge-blocked notices to publish."""
-        for _ in range(_MAX_ROUNDS):
-            view, pending = await self.identity.read_view(events)
-            candidates = await self._match_candidates(events, match_records, view)
-            plans = self._plan(events, match_records, candidates, view, now_ms)
-            merges = list({(m.absorbed, m.survivor): m for p in plans for m in p.merges}.values())
-            if merges and await self.identity.set_parents(merges, now_ms):
-                self.metrics.identity_conflicts.labels("parent").inc()
-                continue  # someone merged one of them meanwhile: read and plan again
-            absorbed = list(dict.fromkeys([m.absorbed for m in merges] + [n.profile_id for n in pending]))
-            if absorbed:
-                await self._fold(absorbed, now_ms)
-            notes = []
-            for plan in plans:
-                for blocked in plan.blocked:
-                    for identifier_type in blocked.types:
-                        self.metrics.identity_merges_blocked.labels(identifier_type).inc()
-                    notes.append(blocked_message(blocked, now_ms))
-            return plans, notes
-        raise RuntimeError(f"identity plan kept meeting concurrent merges ({_MAX_ROUNDS} rounds)")
-
-    async def _match_candidates(
-        self, events: list[Event], match_records: list[fuzzy.MatchRecord | None], view: GraphView
-    ) -> dict[int, dict[str, list[fuzzy.MatchRecord]]]:
-        """Fuzzy-match candidates, by root profile, for the events that carry a match
-        record and no known identifier (two or three round trips, only then)."""
-        wanted = [k for k, (e, r) in enumerate(zip(events, match_records)) if r is not None and not has_known_identifier(e, view, self.rules)]
-        if not wanted:
-            return {}
-        found = await self.matching.candidates([match_records[k] for k in wanted])
-        profile_ids = {p for per_event in found for p, _ in per_event}
-        view.add_nodes(await self.identity.read_nodes(profile_ids, known={p: None for p in view.ids}))
-        by_event: dict[int, dict[str, list[fuzzy.MatchRecord]]] = {}
-        for k, per_event in zip(wanted, found):
-            by_root: dict[str, list[fuzzy.MatchRecord]] = {}
-            for profile_id, records in per_event:
-                by_root.setdefault(view.root(profile_id), []).extend(records)
-            by_event[k] = by_root
-        # A candidate merged away has no records of its own (they moved to its root).
-        missing = {root for by_root in by_event.values() for root, records in by_root.items() if not records}
-        if missing:
-            records_of = await self.matching.records_of(sorted(missing))
-            for by_root in by_event.values():
-                for root in missing & by_root.keys():
-                    by_root[root] = records_of.get(root, [])
-        return by_event
-
-    def _plan(
-        self,
-        events: list[Event],
-        match_records: list[fuzzy.MatchRecord | None],
-        candidates: dict[int, dict[str, list[fuzzy.MatchRecord]]],
-        view: GraphView,
-        now_ms: int,
-    ) -> list[Plan]:
-        """Plan each event in order; an event with no known identifier may join the
-        profile its match record matches best (in Redis, or earlier in this batch)."""
-        hash_key = self.settings.id_hash_key
-        plans: list[Plan] = []
-        earlier = LocalBlocks()  # this batch's records, blocked like those in Redis
-        for k, event in enumerate(events):
-            record = match_records[k]
-            matched = None
-            if record is not None and not has_known_identifier(event, view, self.rules):
-                by_root = {root: list(records) for root, records in candidates.get(k, {}).items()}
-                for profile_id, others in earlier.candidates(record):
-                    by_root.setdefault(view.root(profile_id), []).extend(others)
-                best = fuzzy.best_match(record, sorted(by_root.items()), self.match_config) if by_root else None
-                if best is not None:
-                    matched = best[0]
-                    self.metrics.identity_fuzzy_matches.inc()
-            plan = plan_event(event, view, self.rules, lambda i: new_profile_id(i, hash_key, now_ms), matched)
-            plans.append(plan)
-            if record is not None:
-                earlier.remember(plan.profile_id, record)
-        return plans
-
-    async def _fold(self, absorbed: list[str], now_ms: int) -> None:
-        """Fold each absorbed profile into its root, publish the merge, clean up."""
-        states = [s for s in await self.identity.read_absorbed(absorbed) if s.meta.get("fold_pending") == "1"]
-        targets = [s.parent for s in states]
-        done: list[tuple[AbsorbedState, str, int]] = []
-        for _ in range(_MAX_ROUNDS):
-            if not states:
-                break
-            replies = await self.identity.fold(states, targets, now_ms)
-            moved_states, moved_targets = [], []
-            for state, target, (code, parent) in zip(states, targets, replies):
-                if code == ApplyStatus.MOVED:
-                    moved_states.append(state)
-                    moved_targets.append(parent)
-                else:
-                    done.append((state, target, code))
-            states, targets = moved_states, moved_targets
-        if states:
-            raise RuntimeError("a fold kept being redirected; merge chain still moving")
-        await deliver(self.producer, [merge_message(s, t) for s, t, _ in done], self.metrics)
-        self.metrics.identity_merges.inc(sum(1 for _, _, code in done if code == 1))
-        await self.identity.cleanup([s.profile_id for s, _, _ in done], now_ms)
 
     async def _apply(
         self, items: list[Accepted], plans: list[Plan], match_records: list[fuzzy.MatchRecord | None], now_ms: int

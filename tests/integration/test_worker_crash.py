@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from agents.profiles.store import lookup_profile
 from streams.topics import EVENTS_APP, EVENTS_WEB, RESOLVED
 from tests.conftest import identify, track, unique
-from tests.integration.conftest import WorkerProcess, _redis_url_with_db, produce, start_group_at_end
+from tests.integration.conftest import WorkerProcess, _redis_url_with_db, start_group_at_end
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
