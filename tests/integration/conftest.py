@@ -256,6 +256,61 @@ class WorkerProcess:
             return "(no log)"
 
 
+class CollectorProcess:
+    """`streamcdp collector` in a subprocess, as users run it."""
+
+    def __init__(self, name: str, kafka_bootstrap: str, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = RUN_DIR / f"{name}.log"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("CDP_WRITE_KEYS", "CDP_COLLECTOR"))},
+            "CDP_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "CDP_COLLECTOR_PORT": str(self.port),
+            "CDP_WEB_HOST": "127.0.0.1",
+            "CDP_LOG_FORMAT": "json",
+            "CDP_LOG_LEVEL": "debug",
+            **env,
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "streamcdp.cli", "collector"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    async def wait_for(self, path: str, status: int = 200, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"collector exited with {self.process.returncode}; log:\n{self.tail()}")
+            if (await asyncio.to_thread(http_get, self.url + path, 2.0))[0] == status:
+                return
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"collector {path} not {status} after {timeout_s}s; log:\n{self.tail()}")
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then the exit code (SIGKILL and fail if it does not exit in time)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+                pytest.fail(f"collector ignored SIGTERM for {timeout_s}s; log:\n{self.tail()}")
+        return self.process.returncode
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
 def http_get(url: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:

@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,7 +28,7 @@ from streams.settings import Settings
 from streams.topics import DEAD_LETTER, EVENTS_WEB, IDENTITY_MERGES, INBOUND, RESOLVED
 from tests import monitoring_refs as refs
 from tests.conftest import identify, track, unique
-from tests.integration.conftest import ROOT, RUN_DIR, free_port, http_get, produce
+from tests.integration.conftest import CollectorProcess, http_get, produce
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -214,61 +210,16 @@ async def test_worker_exports_and_moves_every_metric_the_dashboard_and_alerts_us
 # ------------------------------------------------------------------ collector
 
 
-class Collector:
-    """`streamcdp collector` in a subprocess with one write key."""
-
-    def __init__(self, settings: Settings, key: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
-        self.log_path = RUN_DIR / "collector-metrics.log"
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("CDP_WRITE_KEYS", "CDP_COLLECTOR"))},
-            "CDP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "CDP_COLLECTOR_PORT": str(self.port),
-            "CDP_WEB_HOST": "127.0.0.1",
-            "CDP_WRITE_KEYS": f"{key}=web",
-            "CDP_LOG_FORMAT": "json",
-        }
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "streamcdp.cli", "collector"],
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-
-    async def wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"collector exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
-            if (await asyncio.to_thread(http_get, self.url + "/readyz", 2.0))[0] == 200:
-                return
-            await asyncio.sleep(0.2)
-        raise RuntimeError(f"collector not ready after {timeout_s:.0f}s: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-
-
 @pytest_asyncio.fixture(loop_scope="session")
 async def collector(infra: Settings):
     key = unique("wk_metrics")
-    process = Collector(infra, key)
+    process = CollectorProcess("collector-metrics", infra.kafka_bootstrap, {"CDP_WRITE_KEYS": f"{key}=web"})
     process.start()
     try:
-        await process.wait_ready()
+        await process.wait_for("/readyz")
         yield process, key
     finally:
-        process.stop()
+        process.terminate()
 
 
 async def test_collector_exports_and_moves_every_metric_the_dashboard_and_alerts_use(collector):
