@@ -273,7 +273,6 @@ async def stream_clusters(
 ) -> tuple[dict[str, str], dict]:
     """Produce the records to a fresh topic, run them through ``Pipeline.handle`` from
     Kafka, and read back each record's profile (its root) by its crm_id."""
-    import redis.asyncio as aioredis
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -282,13 +281,14 @@ async def stream_clusters(
     from streams.keys import PROFILE_META_KEY, identifier_key
     from streams.metrics import Metrics
     from streams.records import Record
+    from streams.redis_client import connect
 
     run = uuid.uuid4().hex[:10]
     topic = f"bench.accuracy-{run}.crm"  # channel "crm"
     settings = type(settings).from_env(redis_url=_with_db(settings.redis_url, redis_db), emit_resolved=False)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers())
     await admin.start()
-    redis = aioredis.from_url(settings.redis_url)
+    redis = connect(settings.redis_url)
     stats: dict = {"topic": topic, "redis_db": redis_db}
     try:
         await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])

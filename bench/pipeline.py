@@ -59,6 +59,7 @@ from bench.common import (
 )
 from streamcdp.generate import DEFAULT_GAP_MS, encode, generate_events, inbound_topic, send_events
 from streams.metrics import Metrics
+from streams.redis_client import HiredisConnection, connect
 from streams.output import AiokafkaProducer
 from streams.records import OutboundMessage, Record
 from streams.settings import Settings
@@ -148,7 +149,7 @@ async def run_all(options: Options) -> Report:
     base = Settings.from_env()
     settings = Settings.from_env(redis_url=_with_db(base.redis_url, options.redis_db))
     report = Report()
-    redis = aioredis.from_url(settings.redis_url, health_check_interval=10)
+    redis = connect(settings.redis_url, health_check_interval=10)
     info = await redis.info("server")
     report.facts = machine_facts(f"{info['redis_version']} (CDP_BENCH_REDIS_DB={options.redis_db})")
     await ensure_topics(settings)  # the worker's topics, for (d)
@@ -269,7 +270,7 @@ class _Redirect:
         return await self._inner.enqueue(replace(message, topic=self._topics.get(message.topic, self._other)))
 
 
-class _CountingConnection(aioredis.Connection):
+class _CountingConnection(HiredisConnection):
     """Counts socket writes: one per command sent alone, one per pipeline."""
 
     writes = 0
@@ -287,7 +288,7 @@ async def pipeline_loop(run: Run, row: Row) -> None:
         {RESOLVED: run.topic("out.pipeline"), DEAD_LETTER: run.topic("dead-letter")},
         run.topic("out.other"),
     )
-    redis = aioredis.from_url(run.settings.redis_url, health_check_interval=10, connection_class=_CountingConnection)
+    redis = connect(run.settings.redis_url, health_check_interval=10, connection_class=_CountingConnection)
     pipeline = Pipeline(run.settings, redis, outputs, metrics)
     totals = {"processed": 0, "dead_lettered": 0, "resent": 0}
 

@@ -193,12 +193,11 @@ def _run_topics_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_profile_get(args: argparse.Namespace, settings: Settings) -> int:
-    import redis.asyncio as aioredis
-
     from agents.profiles.store import lookup_profile
+    from streams.redis_client import connect
 
     async def fetch():
-        client = aioredis.from_url(settings.redis_url)
+        client = connect(settings.redis_url)
         try:
             return await lookup_profile(
                 client, args.id_or_identifier, hash_key=settings.id_hash_key, default_region=settings.phone_default_region

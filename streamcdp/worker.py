@@ -30,6 +30,7 @@ from streams.app import create_app
 from streams.metrics import Metrics
 from streams.output import FaustProducer
 from streams.records import Record
+from streams.redis_client import connect
 from streams.settings import Settings
 from streams.topics import INBOUND
 
@@ -58,7 +59,7 @@ class WorkerState:
     def redis(self) -> aioredis.Redis:
         # Created on first use, inside the worker's event loop.
         if self._redis is None:
-            self._redis = aioredis.from_url(self.settings.redis_url, health_check_interval=10)
+            self._redis = connect(self.settings.redis_url, health_check_interval=10)
         return self._redis
 
     @property
