@@ -47,7 +47,7 @@ from streams.metrics import Metrics
 from streams.output import Producer, deliver
 from streams.records import OutboundMessage, Record
 from streams.settings import Settings
-from streams.topics import RESOLVED
+from streams.topics import DEAD_LETTER, RESOLVED
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Pipeline:
         outputs = [self._dead_letter(r, now_ms) for r in rejected]
         if accepted:
             outputs.extend(await self._resolve_and_apply(accepted, now_ms, result))
-        result.dead_lettered = sum(1 for m in outputs if m.topic != RESOLVED)
+        result.dead_lettered = sum(1 for m in outputs if m.topic == DEAD_LETTER)
 
         started = time.perf_counter()
         await deliver(self.producer, outputs, metrics)

@@ -19,7 +19,7 @@ from agents.pipeline import Pipeline
 from agents.profiles.store import lookup_profile
 from streams.output import AiokafkaProducer
 from streams.records import Record
-from streams.topics import EVENTS_WEB, RESOLVED
+from streams.topics import EVENTS_WEB, IDENTITY_MERGES, RESOLVED
 from tests.conftest import identify, track, unique
 from tests.integration.conftest import RUN_DIR, free_port
 
@@ -160,3 +160,11 @@ async def test_script_flush_is_survived(pipeline, redis):
     assert result.processed == 1
     profile = await lookup_profile(redis, f"email:{email}", hash_key="", default_region="US")
     assert profile["eventCount"] == 3 and f"user_id:{user}" in profile["identifiers"]
+
+
+async def test_a_blocked_merge_notice_is_not_counted_as_a_dead_letter(pipeline):
+    email = f"{unique('bl')}@example.com"
+    await pipeline.handle([record(identify(userId=unique("A"), traits={"email": email}), 60_000_000)])
+    result = await pipeline.handle([record(identify(userId=unique("B"), traits={"email": email}), 60_000_001)])
+    assert (result.processed, result.dead_lettered) == (1, 0)
+    assert [orjson.loads(m.value)["type"] for m in result.outputs if m.topic == IDENTITY_MERGES] == ["cdp.profile.merge_blocked"]
