@@ -93,7 +93,7 @@ class Pipeline:
         self.producer = producer
         self.metrics = metrics
         self._clock = clock
-        self._apply_sha: str | None = None
+        self._scripts: dict[str, str] = {}  # Lua source → SHA, loaded once per connection life
         self._dedupe_ttl_s = max(1, int(settings.dedupe_ttl_s))
         self.ready = False
 
@@ -238,8 +238,8 @@ class Pipeline:
         for that event's step) and, per event, whether another profile won one of its
         claims (that identifier is then taken off this profile, and the event is
         resolved again)."""
-        if self._apply_sha is None:
-            self._apply_sha = await self.redis.script_load(APPLY_EVENT)
+        apply_sha = await self._script(APPLY_EVENT)
+        block_sha = await self._script(BOUNDED_SADD)
         hash_key = self.settings.id_hash_key
         positions: list[int] = []
         claim_at: list[tuple[int, int, Identifier]] = []
@@ -254,19 +254,19 @@ class Pipeline:
                     match_record=record.to_json() if record is not None else b"",
                 )
                 positions.append(len(pipe.command_stack))
-                pipe.evalsha(self._apply_sha, len(keys), *keys, *args)
+                pipe.evalsha(apply_sha, len(keys), *keys, *args)
                 if record is not None:
                     # File the profile under the record's blocking keys (each its own
                     # slot); a block may name a profile merged away later: readers
                     # resolve it to its root.
                     for key in self.matching.block_keys(record):
-                        pipe.eval(BOUNDED_SADD, 1, key, plan.profile_id, self.matching.max_block)
+                        pipe.evalsha(block_sha, 1, key, plan.profile_id, self.matching.max_block)
             replies = await pipe.execute(raise_on_error=False)
         event_replies = [replies[p] for p in positions]
-        if any(isinstance(r, NoScriptError) for r in event_replies):
+        if any(isinstance(r, NoScriptError) for r in replies):
             # Redis lost its script cache (restart, SCRIPT FLUSH): nothing of this
             # step ran but the idempotent claims; _redis() reloads and runs it again.
-            raise NoScriptError("APPLY_EVENT script not loaded")
+            raise NoScriptError("a Lua script of the profile step is not loaded")
         lost = [False] * len(items)
         lost_ids: list[tuple[str, Identifier]] = []
         for k, position, identifier in claim_at:
@@ -287,6 +287,12 @@ class Pipeline:
                 await pipe.execute()
         return event_replies, lost
 
+    async def _script(self, source: str) -> str:
+        sha = self._scripts.get(source)
+        if sha is None:
+            sha = self._scripts[source] = await self.redis.script_load(source)
+        return sha
+
     async def _redis(self, op: str, step, *args):
         """Run one Redis round trip, retrying on connection trouble until it works."""
         backoff = _BACKOFF_START_S
@@ -297,7 +303,7 @@ class Pipeline:
             except (RedisConnectionError, RedisTimeoutError, NoScriptError, OSError) as exc:
                 if isinstance(exc, NoScriptError):
                     # Redis restarted or flushed its script cache: load every script again.
-                    self._apply_sha = None
+                    self._scripts.clear()
                     self.identity.forget_scripts()
                 self.metrics.redis_errors.labels(op).inc()
                 self.ready = False
