@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -39,6 +39,8 @@ from agents.identity.resolver import IdentityResolver
 from agents.identity.rules import IdentityRules
 from agents.identity.store import IdentityStore
 from agents.ingest.core import PROCESSING_ERROR, Accepted, Rejected, split_batch
+from agents.profiles.model import ProfileModel
+from agents.profiles.sensitive import SensitivePolicy
 from agents.profiles.store import APPLY_EVENT, ApplyStatus, apply_event_call
 from schemas.events import Event, Identifier
 from streams.deadletter import dead_letter
@@ -79,12 +81,14 @@ class Pipeline:
         *,
         rules: IdentityRules | None = None,
         match_config: fuzzy.MatchConfig | None = None,
+        model: ProfileModel | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.rules = rules if rules is not None else IdentityRules.load(settings.identity_rules or None)
         self.match_config = match_config if match_config is not None else fuzzy.MatchConfig.load(settings.matching_config or None)
-        self.identity = IdentityStore(redis, self.rules, settings.id_hash_key)
+        self.model = model if model is not None else ProfileModel.load(settings)
+        self.identity = IdentityStore(redis, self.rules, settings.id_hash_key, history_length=self.model.history_length)
         self.matching = MatchStore(redis, settings.id_hash_key)
         self.resolver = IdentityResolver(
             self.identity, self.matching, self.rules, self.match_config, producer, metrics, hash_key=settings.id_hash_key
@@ -110,6 +114,7 @@ class Pipeline:
 
         started = time.perf_counter()
         accepted, rejected = split_batch(batch, default_region=self.settings.phone_default_region)
+        accepted = self._protect_identifiers(accepted)
         metrics.stage_latency.labels("ingest").observe(time.perf_counter() - started)
 
         outputs = [self._dead_letter(r, now_ms) for r in rejected]
@@ -164,6 +169,20 @@ class Pipeline:
             total.resent += one.resent
             total.outputs.extend(one.outputs)
         return total
+
+    def _protect_identifiers(self, accepted: list[Accepted]) -> list[Accepted]:
+        """Identifiers of a sensitive type (an externalIds entry of type national_id,
+        say) are linked and stored by their keyed hash only."""
+        protect = self.model.sensitive.protect_identifier
+        out = accepted
+        for index, item in enumerate(accepted):
+            identifiers = item.event.identifiers
+            protected = tuple(protect(i) for i in identifiers)
+            if protected != identifiers:
+                if out is accepted:
+                    out = list(accepted)
+                out[index] = Accepted(item.record, replace(item.event, identifiers=protected))
+        return out
 
     async def _resolve_and_apply(
         self, accepted: list[Accepted], now_ms: int, result: BatchResult
@@ -226,7 +245,7 @@ class Pipeline:
                 self.metrics.profiles_created.inc()
             result.processed += 1
             if self.settings.emit_resolved:
-                outputs.append(resolved_message(item, profile_id))
+                outputs.append(resolved_message(item, profile_id, self.model.sensitive))
         return outputs
 
     async def _apply(
@@ -250,7 +269,7 @@ class Pipeline:
                     pipe.set(identifier_key(identifier, hash_key), plan.profile_id, nx=True, get=True)
                 keys, args = apply_event_call(
                     item.event, plan.profile_id, item.record.origin, plan.keeps,
-                    dedupe_ttl_s=self._dedupe_ttl_s, now_ms=now_ms,
+                    model=self.model, dedupe_ttl_s=self._dedupe_ttl_s, now_ms=now_ms,
                     match_record=record.to_json() if record is not None else b"",
                 )
                 positions.append(len(pipe.command_stack))
@@ -281,9 +300,7 @@ class Pipeline:
         if lost_ids:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for profile_id, identifier in lost_ids:
-                    keys = ProfileKeys(profile_id)
-                    pipe.srem(keys.ids, str(identifier))
-                    pipe.hdel(keys.id_origin, str(identifier))
+                    pipe.hdel(ProfileKeys(profile_id).ids, str(identifier))
                 await pipe.execute()
         return event_replies, lost
 
@@ -328,8 +345,9 @@ class Pipeline:
         return dead_letter(rejected.record, rejected.reason, rejected.detail, rejected.field, now_ms)
 
 
-def resolved_message(item: Accepted, profile_id: str) -> OutboundMessage:
-    """The accepted event, republished with its profile id, keyed by profile id."""
+def resolved_message(item: Accepted, profile_id: str, sensitive: SensitivePolicy) -> OutboundMessage:
+    """The accepted event, republished with its profile id, keyed by profile id;
+    sensitive traits and properties are replaced by their protected form."""
     event: Event = item.event
     record = item.record
     value = orjson.dumps(
@@ -341,7 +359,7 @@ def resolved_message(item: Accepted, profile_id: str) -> OutboundMessage:
             "timestamp": event.timestamp_ms,
             "identifiers": [str(i) for i in event.identifiers],
             "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
-            "event": event.payload,
+            "event": sensitive.redact(event.payload),
         }
     )
     return OutboundMessage(RESOLVED, profile_id.encode(), value)

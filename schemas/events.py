@@ -18,9 +18,10 @@ schemas.errors.InvalidEvent: schema_violation at userId: must be a string or nul
 
 The checks run in a fixed order, cheapest and most fundamental first, so every bad
 message gets exactly one, predictable reason: empty → oversize → invalid UTF-8 →
-invalid JSON → not an object → too deep → unknown type → schema violation → no
-identifier. ``schemas/json/event.schema.json`` states the same contract as JSON
-Schema for producers; ``tests/unit/test_schema_conformance.py`` keeps the two in step.
+invalid JSON → not an object → too deep → unknown type → schema violation →
+invalid trait name → invalid identifier → no identifier.
+``schemas/json/event.schema.json`` states the same contract as JSON Schema for
+producers; ``tests/unit/test_schema_conformance.py`` keeps the two in step.
 
 Hot path: no jsonschema, no recursion, precompiled patterns, and the containers of
 the parsed payload are shared with the Event rather than copied (treat them as
@@ -56,6 +57,8 @@ __all__ = [
     "MAX_DEPTH",
     "EVENT_TYPES",
     "DATE_TIME_PATTERN",
+    "MAX_TRAIT_NAME_LENGTH",
+    "TRAIT_NAME_FORBIDDEN",
     "IDENTIFIER_PRIORITY",
     "Identifier",
     "Event",
@@ -76,6 +79,7 @@ class RejectReason(StrEnum):
     SCHEMA_VIOLATION = "schema_violation"
     NO_IDENTIFIER = "no_identifier"
     INVALID_IDENTIFIER = "invalid_identifier"
+    INVALID_TRAIT_NAME = "invalid_trait_name"
 
 
 #: Segment's documented per-message limit; checked before anything is parsed.
@@ -92,6 +96,20 @@ DATE_TIME_PATTERN = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}"
     r"(?::[0-9]{2}(?:\.[0-9]{1,9})?)?(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?$"
 )
+
+#: Longest trait name accepted, in characters (code points).
+MAX_TRAIT_NAME_LENGTH = 128
+#: What a trait name must not contain, as a regular expression that finds it: a "."
+#: (reserved: profiles store nested traits by dotted path, ``address.city``, and
+#: segment rules address them that way), a control character (C0, DEL, C1:
+#: U+0000-U+001F, U+007F-U+009F), or a leading "$" (reserved). A name must also be
+#: non-empty and at most MAX_TRAIT_NAME_LENGTH long. This applies at every level of
+#: ``traits`` / ``context.traits`` (the keys of nested objects too; objects inside
+#: arrays are values and are not checked). The ``traitName`` rule of
+#: schemas/json/event.schema.json uses the same pattern under "not": a pattern for
+#: the valid names would need an end anchor, and "$" also matches before a final
+#: newline in Python's re (so jsonschema would accept "name\n").
+TRAIT_NAME_FORBIDDEN = r"[.\u0000-\u001f\u007f-\u009f]|^\$"
 
 _DATE_TIME = re.compile(DATE_TIME_PATTERN)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -121,6 +139,17 @@ _MIN_INT = -(2**63)
 _MAX_INT = 2**64 - 1
 
 _TIMESTAMP_FIELDS = ("timestamp", "originalTimestamp", "receivedAt", "sentAt")
+
+# Trait names found valid so far. Producers send the same few dozen names again and
+# again, so one C-level issuperset() call clears a whole traits object; only names
+# not seen before get the exact check. Bounded: when full, new valid names are still
+# accepted, just checked each time. Only valid names enter, so the cache never
+# changes a verdict.
+_VALID_NAMES: set[str] = set()
+_VALID_NAMES_MAX = 4096
+_all_known = _VALID_NAMES.issuperset
+_CONTROL_CHAR = re.compile("[\\x00-\\x1f\\x7f-\\x9f]")
+_dict = dict
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +372,69 @@ def _external_id_violation(index: int, key: str, value: object) -> InvalidEvent:
     )
 
 
+def _trait_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid trait name, or None if it is one."""
+    if not name:
+        return "is empty"
+    if len(name) > MAX_TRAIT_NAME_LENGTH:
+        return f"is {len(name)} characters long; the limit is {MAX_TRAIT_NAME_LENGTH}"
+    control = _CONTROL_CHAR.search(name)
+    if control is not None:
+        return f"contains the control character U+{ord(control.group()):04X}"
+    if "." in name:
+        return (
+            "contains '.', which is reserved (nested traits are stored by dotted path):"
+            ' send an object instead, e.g. {"address": {"city": ...}}'
+        )
+    if name[0] == "$":
+        return "starts with '$', which is reserved"
+    return None
+
+
+def _check_trait_names(traits: dict, path: str) -> None:
+    """Raise INVALID_TRAIT_NAME for the first bad key of ``traits`` or of an object
+    nested in it; ``path`` names ``traits`` in the event (``traits``, ``context.traits``)
+    and becomes the error's field, extended for nested objects (``traits.address``).
+
+    Per object: one issuperset() against the known-valid names and one scan of the
+    value types for nested objects, both in C; a flat object of names seen before
+    costs just these two calls."""
+    if not _all_known(traits):
+        _check_new_names(traits, path)
+    if _dict in map(type, traits.values()):
+        _check_nested_trait_names(traits, path)
+
+
+def _check_nested_trait_names(traits: dict, path: str) -> None:
+    """The nested objects of ``traits``, depth first, without recursion. Objects
+    inside arrays are values, not traits, and are not checked."""
+    pending = None
+    while True:
+        for name, value in traits.items():
+            if type(value) is _dict and value:
+                inner = path + "." + name
+                if not _all_known(value):
+                    _check_new_names(value, inner)
+                if _dict in map(type, value.values()):
+                    if pending is None:
+                        pending = []
+                    pending.append((value, inner))
+        if not pending:
+            return
+        traits, path = pending.pop()
+
+
+def _check_new_names(traits: dict, path: str) -> None:
+    for name in traits:
+        if name in _VALID_NAMES:
+            continue
+        problem = _trait_name_problem(name)
+        if problem is not None:
+            raise InvalidEvent(RejectReason.INVALID_TRAIT_NAME, f"trait name {_preview(name)} {problem}", path)
+        if len(_VALID_NAMES) < _VALID_NAMES_MAX:
+            _VALID_NAMES.add(name)
+
+
 def _no_identifier(trait_sources: list[tuple[str, dict]], default_region: str) -> InvalidEvent:
     notes = []
     for prefix, traits in trait_sources:
@@ -464,6 +556,13 @@ def parse_event(raw: bytes, *, channel: str, fallback_timestamp_ms: int, default
                 chosen = moment
     if chosen is not None:
         timestamp_ms = _to_ms(chosen)
+
+    # Trait names, at every level of nested objects; on group events too (there the
+    # top-level traits describe the group, but the same naming rules apply).
+    if top_traits:
+        _check_trait_names(top_traits, "traits")
+    if context_traits:
+        _check_trait_names(context_traits, "context.traits")
 
     # 4. Traits and identifiers. Top-level traits of a group call describe the group.
     if event_type == "group":

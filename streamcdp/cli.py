@@ -193,14 +193,18 @@ def _run_topics_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_profile_get(args: argparse.Namespace, settings: Settings) -> int:
+    from agents.profiles.model import ProfileModel
     from agents.profiles.store import lookup_profile
     from streams.redis_client import connect
+
+    model = ProfileModel.load(settings)
 
     async def fetch():
         client = connect(settings.redis_url)
         try:
             return await lookup_profile(
-                client, args.id_or_identifier, hash_key=settings.id_hash_key, default_region=settings.phone_default_region
+                client, args.id_or_identifier, hash_key=settings.id_hash_key,
+                default_region=settings.phone_default_region, model=model,
             )
         finally:
             await client.aclose()

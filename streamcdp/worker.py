@@ -180,7 +180,8 @@ def _add_routes(app: faust.App, state: WorkerState) -> None:
     async def _profile_response(view: View, id_or_identifier: str) -> Response:
         try:
             profile = await lookup_profile(
-                state.redis, id_or_identifier, hash_key=settings.id_hash_key, default_region=settings.phone_default_region
+                state.redis, id_or_identifier, hash_key=settings.id_hash_key,
+                default_region=settings.phone_default_region, model=state.pipeline.model,
             )
         except InvalidIdentifier as exc:
             return view.json({"error": str(exc)}, status=400)

@@ -22,28 +22,38 @@ from schemas.events import Identifier
 PREFIX = "cdp"
 # Identifier → profile id. Written once (SET NX), so it can be cached.
 IDENTIFIER_KEY = PREFIX + ":id:{%s}"
-# Profile keys; ``%s`` is the profile id, the hash tag of all of them.
-# meta: id, created_at, updated_at, first/last seen, event_count; after a merge
-# merged_into (write-once parent pointer), merged_at, merge_identifier, merge_event,
-# and fold_pending until the profile's state has been folded into the survivor.
+# Profile keys; ``%s`` is the profile id, the hash tag of all of them. Hashes and
+# lists rather than a key per item: small ones are stored compactly (listpack), and
+# one profile's state is a handful of keys a merge can move and a deletion can drop.
+#
+# meta: id, created_at, updated_at, first/last seen, event_count, seen_sweep (when
+# old de-duplication records are dropped next); after a merge merged_into
+# (write-once parent pointer), merged_at, merge_identifier, merge_event, and
+# fold_pending until the profile's state has been folded into the survivor.
 PROFILE_META_KEY = PREFIX + ":p:{%s}:meta"
-PROFILE_TRAITS_KEY = PREFIX + ":p:{%s}:traits"  # trait name → JSON value
-PROFILE_TRAITS_TS_KEY = PREFIX + ":p:{%s}:traits_ts"  # trait name → event time (ms) of that value
-PROFILE_IDS_KEY = PREFIX + ":p:{%s}:ids"  # set of "type:value"
-PROFILE_ID_ORIGIN_KEY = PREFIX + ":p:{%s}:id_origin"  # "type:value" → JSON {messageId, channel, at}
-# Applied messageIds → "topic/partition/offset|received ms", and the same ids by
-# time for expiry (CDP_DEDUPE_TTL). On the profile's slot, so the de-duplication
-# record and the update are one atomic step; hashes rather than a key per message so
-# a merge can carry them over to the surviving profile.
+# Trait path (``address.city``) → "<event ms>|<JSON value>"; consent choices as
+# ``$consent.<purpose>`` → "<event ms>|[granted, messageId, channel]".
+PROFILE_TRAITS_KEY = PREFIX + ":p:{%s}:traits"
+# Identifier "type:value" → where the profile got it: "<event ms>|<channel>|<messageId>".
+PROFILE_IDS_KEY = PREFIX + ":p:{%s}:ids"
+# Applied messages: digest of the messageId → "<digest of topic/partition/offset>|<received ms>".
+# On the profile's slot, so the de-duplication record and the update are one atomic
+# step; records older than CDP_DEDUPE_TTL are swept out now and then.
 PROFILE_SEEN_KEY = PREFIX + ":p:{%s}:seen"
-PROFILE_SEEN_BY_TIME_KEY = PREFIX + ":p:{%s}:seen_at"
+# Computed traits: fields named "<merge rule>:<name>[.<part>][|<group>]"
+# (agents/profiles/computed.py, agents/profiles/lua.py).
+PROFILE_COMPUTED_KEY = PREFIX + ":p:{%s}:computed"
+# Recent events, newest event time first, bounded: "<event ms>|<JSON summary>".
+PROFILE_HISTORY_KEY = PREFIX + ":p:{%s}:history"
+# Segments the profile is a member of: segment id → membership details (written by
+# the segment stage; dropped with the profile, never folded: membership is re-evaluated).
+PROFILE_SEGMENTS_KEY = PREFIX + ":p:{%s}:segments"
 PROFILE_FOLDED_KEY = PREFIX + ":p:{%s}:folded"  # ids of profiles already folded into this one
 PROFILE_MERGES_KEY = PREFIX + ":p:{%s}:merges"  # audit: JSON merge records, newest first
 # Fuzzy matching: the profile's normalised match records (name, dob, address, phone)
 # as JSON, compared with records that carry no known identifier.
 PROFILE_MATCH_KEY = PREFIX + ":p:{%s}:match"
 
-_MAX_MESSAGE_ID_IN_KEY = 128
 
 
 def identifier_digest(identifier: Identifier, hash_key: str) -> str:
@@ -87,22 +97,31 @@ class ProfileKeys:
 
     meta = property(lambda self: self._key(PROFILE_META_KEY))
     traits = property(lambda self: self._key(PROFILE_TRAITS_KEY))
-    traits_ts = property(lambda self: self._key(PROFILE_TRAITS_TS_KEY))
     ids = property(lambda self: self._key(PROFILE_IDS_KEY))
-    id_origin = property(lambda self: self._key(PROFILE_ID_ORIGIN_KEY))
     seen = property(lambda self: self._key(PROFILE_SEEN_KEY))
-    seen_at = property(lambda self: self._key(PROFILE_SEEN_BY_TIME_KEY))
+    computed = property(lambda self: self._key(PROFILE_COMPUTED_KEY))
+    history = property(lambda self: self._key(PROFILE_HISTORY_KEY))
+    segments = property(lambda self: self._key(PROFILE_SEGMENTS_KEY))
     folded = property(lambda self: self._key(PROFILE_FOLDED_KEY))
     merges = property(lambda self: self._key(PROFILE_MERGES_KEY))
     match = property(lambda self: self._key(PROFILE_MATCH_KEY))
 
     def state(self) -> list[str]:
         """Every key holding the profile's state (not its meta): what a merge moves."""
-        return [self.traits, self.traits_ts, self.ids, self.id_origin, self.seen, self.seen_at, self.folded, self.merges, self.match]
+        return [
+            self.traits, self.ids, self.seen, self.computed, self.history, self.segments,
+            self.folded, self.merges, self.match,
+        ]
 
 
 def message_field(message_id: str) -> str:
-    """A messageId as a hash field, bounded in length."""
-    if len(message_id) > _MAX_MESSAGE_ID_IN_KEY:
-        return "h:" + blake2b(message_id.encode(), digest_size=16).hexdigest()
-    return message_id
+    """A messageId as a de-duplication field: a 64-bit digest (16 hex digits).
+    Records are per profile, so a collision would need two of one person's events
+    in the same week to share 64 bits by chance."""
+    return blake2b(message_id.encode(), digest_size=8).hexdigest()
+
+
+def origin_digest(origin: str) -> str:
+    """A record's ``topic/partition/offset`` as 8 hex digits: enough to tell a
+    redelivery of the same record from a resend in another one."""
+    return blake2b(origin.encode(), digest_size=4).hexdigest()

@@ -24,6 +24,9 @@ the variable.
 | CDP_KAFKA_SESSION_TIMEOUT | 30s | how long the group waits for a silent (crashed) worker before moving its partitions |
 | CDP_IDENTITY_RULES | config/identity-rules.yaml | identity rules: per identifier type a priority and a limit |
 | CDP_MATCHING_CONFIG | config/matching.yaml | fuzzy matching model: field weights and threshold |
+| CDP_PROFILE_CONFIG | config/profile.yaml | profile options: history length, sensitive traits |
+| CDP_COMPUTED_TRAITS | config/computed-traits.yaml | computed trait definitions |
+| CDP_SENSITIVE_KEY | (empty) | base64 of a 32-byte AES-256-GCM key: sensitive traits are also kept encrypted |
 | CDP_LOG_FORMAT | text | ``json`` for one JSON object per log line |
 | CDP_LOG_LEVEL | info | crit, error, warn, info, debug |
 """
@@ -113,6 +116,12 @@ class Settings:
     id_hash_key: str = ""
     identity_rules: str = ""
     matching_config: str = ""
+    #: Profile options (history, sensitive traits): YAML; "" = config/profile.yaml defaults.
+    profile_config: str = ""
+    #: Computed trait definitions: YAML; "" = the shipped config/computed-traits.yaml.
+    computed_traits: str = ""
+    #: Base64 of a 32-byte AES-256-GCM key; when set, sensitive traits are also kept encrypted.
+    sensitive_key: str = ""
     kafka_session_timeout_s: float = 30.0
     log_format: str = "text"
     log_level: str = "info"
@@ -147,7 +156,7 @@ class Settings:
             value = getattr(self, field.name)
             if field.name == "redis_url":
                 value = mask_url_password(str(value))
-            elif field.name == "id_hash_key":
+            elif field.name in ("id_hash_key", "sensitive_key"):
                 value = "***" if value else ""
             shown[field.name] = value
         return shown
@@ -178,6 +187,9 @@ _ENV = {
     "id_hash_key": ("CDP_ID_HASH_KEY", str),
     "identity_rules": ("CDP_IDENTITY_RULES", str.strip),
     "matching_config": ("CDP_MATCHING_CONFIG", str.strip),
+    "profile_config": ("CDP_PROFILE_CONFIG", str.strip),
+    "computed_traits": ("CDP_COMPUTED_TRAITS", str.strip),
+    "sensitive_key": ("CDP_SENSITIVE_KEY", str.strip),
     "kafka_session_timeout_s": ("CDP_KAFKA_SESSION_TIMEOUT", parse_duration),
     "log_format": ("CDP_LOG_FORMAT", _choice("text", "json")),
     "log_level": ("CDP_LOG_LEVEL", _choice(*LOG_LEVELS)),

@@ -5,9 +5,9 @@ Every step touches one hash slot, so the design holds on Redis Cluster:
 | step | slot | what |
 |---|---|---|
 | read owners | identifier | ``GET cdp:id:{digest}`` per identifier |
-| read nodes | profile | ``HMGET meta merged_into fold_pending`` + ``SMEMBERS ids`` |
+| read nodes | profile | ``HMGET meta merged_into fold_pending`` + ``HKEYS ids`` |
 | ``SET_PARENT`` | absorbed | write-once ``merged_into`` + ``fold_pending``; refuses a second parent |
-| read state | absorbed | traits, identifiers, dedupe records, audit ... |
+| read state | absorbed | traits, identifiers, dedupe records, computed traits, history, audit ... |
 | ``FOLD`` | survivor | adds the absorbed state once (``folded`` set); refused on a merged profile |
 | ``CLEANUP`` | absorbed | drops the moved state, clears ``fold_pending`` |
 
@@ -30,6 +30,7 @@ import orjson
 
 from agents.identity.graph import GraphView, Merge, Node, identifiers_to_look_up
 from agents.identity.rules import IdentityRules
+from agents.profiles.lua import FUNCTIONS
 from schemas.events import Event, Identifier
 from streams.keys import ProfileKeys, identifier_key
 from streams.records import OutboundMessage
@@ -50,15 +51,15 @@ redis.call('HSET', KEYS[1], 'merged_into', ARGV[1], 'merged_at', ARGV[2],
 return {1}
 """
 
-FOLD = """
--- KEYS: survivor meta, traits, traits_ts, ids, id_origin, seen, seen_at, folded, merges, match
+FOLD = FUNCTIONS + """
+-- KEYS: survivor meta, traits, ids, seen, computed, history, folded, merges, match
 -- ARGV: absorbed, survivor, now_ms, merge_record, event_count, first_seen, last_seen,
---       then counted sections: traits (name, json, ts), ids, origins (id, json),
---       seen (field, value, score), folded ids, merge records (newest first),
---       match records
+--       history_length, then counted sections: traits (name, value), ids (id, origin),
+--       seen (field, value), computed (field, value), history entries, folded ids,
+--       merge records (newest first), match records
 local parent = redis.call('HGET', KEYS[1], 'merged_into')
 if parent then return {5, parent} end
-if redis.call('SISMEMBER', KEYS[8], ARGV[1]) == 1 then return {2} end
+if redis.call('SISMEMBER', KEYS[7], ARGV[1]) == 1 then return {2} end
 if redis.call('HSETNX', KEYS[1], 'created_at', ARGV[3]) == 1 then
   redis.call('HSET', KEYS[1], 'id', ARGV[2])
 end
@@ -72,37 +73,31 @@ if ARGV[7] ~= '' then
   local last = redis.call('HGET', KEYS[1], 'last_seen')
   if (not last) or tonumber(ARGV[7]) > tonumber(last) then redis.call('HSET', KEYS[1], 'last_seen', ARGV[7]) end
 end
-local i = 8
+local history_length = tonumber(ARGV[8])
+local i = 9
 local n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do
-  local held = redis.call('HGET', KEYS[3], ARGV[i])
-  if (not held) or tonumber(ARGV[i + 2]) > tonumber(held) then
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2])
-  end
-  i = i + 3
-end
+for _ = 1, n do set_latest(KEYS[2], ARGV[i], ARGV[i + 1]); i = i + 2 end
 n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do redis.call('SADD', KEYS[4], ARGV[i]); i = i + 1 end
+for _ = 1, n do redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]); i = i + 2 end
 n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do redis.call('HSETNX', KEYS[5], ARGV[i], ARGV[i + 1]); i = i + 2 end
+for _ = 1, n do redis.call('HSETNX', KEYS[4], ARGV[i], ARGV[i + 1]); i = i + 2 end
 n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do
-  if redis.call('HSETNX', KEYS[6], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('ZADD', KEYS[7], ARGV[i + 2], ARGV[i])
-  end
-  i = i + 3
-end
+for _ = 1, n do merge_computed(KEYS[5], ARGV[i], ARGV[i + 1]); i = i + 2 end
 n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do redis.call('SADD', KEYS[8], ARGV[i]); i = i + 1 end
-redis.call('SADD', KEYS[8], ARGV[1])
+for _ = 1, n do history_insert(KEYS[6], ARGV[i], history_length); i = i + 1 end
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do redis.call('SADD', KEYS[7], ARGV[i]); i = i + 1 end
+redis.call('SADD', KEYS[7], ARGV[1])
 n = tonumber(ARGV[i]); i = i + 1
 local records = {}
 for _ = 1, n do table.insert(records, 1, ARGV[i]); i = i + 1 end
-for _, record in ipairs(records) do redis.call('LPUSH', KEYS[9], record) end
-redis.call('LPUSH', KEYS[9], ARGV[4])
+for _, record in ipairs(records) do redis.call('LPUSH', KEYS[8], record) end
+redis.call('LPUSH', KEYS[8], ARGV[4])
 n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do redis.call('SADD', KEYS[10], ARGV[i]); i = i + 1 end
+for _ = 1, n do
+  if redis.call('SCARD', KEYS[9]) < 32 then redis.call('SADD', KEYS[9], ARGV[i]) end
+  i = i + 1
+end
 return {1}
 """
 
@@ -110,7 +105,7 @@ CLEANUP = """
 -- KEYS: absorbed meta, then its state keys. ARGV: now_ms
 if redis.call('HGET', KEYS[1], 'fold_pending') ~= '1' then return 0 end
 redis.call('DEL', unpack(KEYS, 2))
-redis.call('HDEL', KEYS[1], 'event_count', 'first_seen', 'last_seen', 'updated_at', 'fold_pending')
+redis.call('HDEL', KEYS[1], 'event_count', 'first_seen', 'last_seen', 'updated_at', 'fold_pending', 'seen_sweep')
 redis.call('HSET', KEYS[1], 'folded_at', ARGV[1])
 return 1
 """
@@ -121,12 +116,11 @@ class AbsorbedState:
     profile_id: str
     parent: str
     meta: dict[str, str]
-    traits: dict[str, bytes]
-    traits_ts: dict[str, bytes]
-    ids: list[str]
-    origins: dict[str, bytes]
+    traits: dict[str, bytes]  # name → "<ms>|<JSON>"
+    ids: dict[str, bytes]  # identifier → origin
     seen: dict[str, bytes]
-    seen_at: dict[str, float]
+    computed: dict[str, bytes]
+    history: list[bytes]
     folded: list[str]
     merges: list[bytes]
     match: list[bytes]
@@ -145,8 +139,11 @@ class IdentityStore:
     """Redis I/O of the identity graph. Each method is one pipelined round trip
     (``read_view`` one per level of merge chain, usually two)."""
 
-    def __init__(self, redis, rules: IdentityRules, hash_key: str, *, cache_size: int = 200_000) -> None:
+    def __init__(
+        self, redis, rules: IdentityRules, hash_key: str, *, history_length: int = 20, cache_size: int = 200_000
+    ) -> None:
         self.redis = redis
+        self.history_length = history_length
         self.rules = rules
         self.hash_key = hash_key
         self._sha: dict[str, str] = {}
@@ -211,7 +208,7 @@ class IdentityStore:
                 for profile_id in order:
                     keys = ProfileKeys(profile_id)
                     pipe.hmget(keys.meta, "merged_into", "fold_pending")
-                    pipe.smembers(keys.ids)
+                    pipe.hkeys(keys.ids)
                 replies = await pipe.execute()
             wanted = set()
             for index, profile_id in enumerate(order):
@@ -243,26 +240,24 @@ class IdentityStore:
                 keys = ProfileKeys(profile_id)
                 pipe.hgetall(keys.meta)
                 pipe.hgetall(keys.traits)
-                pipe.hgetall(keys.traits_ts)
-                pipe.smembers(keys.ids)
-                pipe.hgetall(keys.id_origin)
+                pipe.hgetall(keys.ids)
                 pipe.hgetall(keys.seen)
-                pipe.zrange(keys.seen_at, 0, -1, withscores=True)
+                pipe.hgetall(keys.computed)
+                pipe.lrange(keys.history, 0, -1)
                 pipe.smembers(keys.folded)
                 pipe.lrange(keys.merges, 0, -1)
                 pipe.smembers(keys.match)
             replies = await pipe.execute()
         states = []
         for index, profile_id in enumerate(profile_ids):
-            meta, traits, traits_ts, ids, origins, seen, seen_at, folded, merges, match = replies[10 * index: 10 * index + 10]
+            meta, traits, ids, seen, computed, history, folded, merges, match = replies[9 * index: 9 * index + 9]
             meta = {_text(k): _text(v) for k, v in meta.items()}
             states.append(
                 AbsorbedState(
                     profile_id, meta.get("merged_into", ""), meta,
-                    {_text(k): v for k, v in traits.items()}, {_text(k): v for k, v in traits_ts.items()},
-                    sorted(_text(i) for i in ids), {_text(k): v for k, v in origins.items()},
-                    {_text(k): v for k, v in seen.items()}, {_text(m): s for m, s in seen_at},
-                    sorted(_text(f) for f in folded), list(merges), sorted(match),
+                    {_text(k): v for k, v in traits.items()}, {_text(k): v for k, v in ids.items()},
+                    {_text(k): v for k, v in seen.items()}, {_text(k): v for k, v in computed.items()},
+                    list(history), sorted(_text(f) for f in folded), list(merges), sorted(match),
                 )
             )
         return states
@@ -273,9 +268,9 @@ class IdentityStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for state, target in zip(states, targets):
                 keys = ProfileKeys(target)
-                args = fold_args(state, target, now_ms)
-                pipe.evalsha(sha, 10, keys.meta, keys.traits, keys.traits_ts, keys.ids, keys.id_origin,
-                             keys.seen, keys.seen_at, keys.folded, keys.merges, keys.match, *args)
+                args = fold_args(state, target, now_ms, self.history_length)
+                pipe.evalsha(sha, 9, keys.meta, keys.traits, keys.ids, keys.seen, keys.computed, keys.history,
+                             keys.folded, keys.merges, keys.match, *args)
             replies = await pipe.execute()
         return [(int(r[0]), _text(r[1]) if len(r) > 1 else None) for r in replies]
 
@@ -305,30 +300,36 @@ def merge_record(state: AbsorbedState, survivor: str) -> dict:
     }
 
 
-def fold_args(state: AbsorbedState, survivor: str, now_ms: int) -> list:
+def fold_args(state: AbsorbedState, survivor: str, now_ms: int, history_length: int) -> list:
     meta = state.meta
     args: list = [
         state.profile_id, survivor, now_ms, orjson.dumps(merge_record(state, survivor)),
-        int(meta.get("event_count") or 0), meta.get("first_seen", ""), meta.get("last_seen", ""),
+        int(meta.get("event_count") or 0), meta.get("first_seen", ""), meta.get("last_seen", ""), history_length,
     ]
-    args.append(len(state.traits))
-    for name, value in state.traits.items():
-        args.extend((name, value, state.traits_ts.get(name, b"0")))
-    args.append(len(state.ids))
-    args.extend(state.ids)
-    args.append(len(state.origins))
-    for name, value in state.origins.items():
-        args.extend((name, value))
-    args.append(len(state.seen))
-    for field, value in state.seen.items():
-        args.extend((field, value, state.seen_at.get(field, now_ms)))
-    args.append(len(state.folded))
-    args.extend(state.folded)
-    args.append(len(state.merges))
-    args.extend(state.merges)
-    args.append(len(state.match))
-    args.extend(state.match)
+    for section in (state.traits, state.ids, state.seen, computed_for_fold(state.computed)):
+        args.append(len(section))
+        for name, value in section.items():
+            args.extend((name, value))
+    for items in (state.history, state.folded, state.merges, state.match):
+        args.append(len(items))
+        args.extend(items)
     return args
+
+
+def computed_for_fold(fields: dict[str, bytes]) -> dict[str, bytes]:
+    """Computed fields as ``FOLD`` merges them: a ``first:``/``last:`` value joined
+    with its event time (kept apart in ``atfirst:``/``atlast:``)."""
+    out = {}
+    for name, value in fields.items():
+        if name.startswith(("atfirst:", "atlast:")):
+            continue
+        if name.startswith(("first:", "last:")):
+            at = fields.get("at" + name)
+            if at is None:
+                continue
+            value = (at if isinstance(at, bytes) else str(at).encode()) + b"|" + value
+        out[name] = value
+    return out
 
 
 def merge_message(state: AbsorbedState, survivor: str) -> OutboundMessage:

@@ -11,40 +11,52 @@ second time. It tells the caller which case it met:
 * ``RESENT``: the messageId was applied from another record: a producer resent it.
   Dropped.
 
-Traits: per field, the value of the latest event by event time wins; a late event
-carrying an older value does not overwrite a newer one (ties: the later applied).
+In the same step the event updates the profile: traits (per field, by dotted path
+for nested objects, the value of the latest event by event time wins; a late event
+carrying an older value does not overwrite a newer one; ties: the later applied),
+consent per purpose (the same rule), computed traits (``agents.profiles.computed``),
+the bounded history (newest event time first), the profile's identifiers and its
+counters. The layout is in docs/state-layout.md.
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from enum import IntEnum
 
 import orjson
 
+from agents.profiles.lua import FUNCTIONS
+from agents.profiles.model import CONSENT_PREFIX, ProfileModel, unflatten
 from schemas.events import Event, Identifier
 from schemas.identifiers import parse_identifier
-from streams.keys import ProfileKeys, identifier_key, message_field
+from streams.keys import ProfileKeys, identifier_key, message_field, origin_digest
 
-APPLY_EVENT = """
--- KEYS: meta, traits, traits_ts, ids, id_origin, seen, seen_at, match
+APPLY_EVENT = FUNCTIONS + """
+-- KEYS: meta, traits, ids, seen, computed, history, match
 -- ARGV: origin, dedupe_ttl_ms, event_ms, now_ms, profile_id, message_field,
---       id_origin_json, match_record_json (or ''), n_traits, (name, json) * n_traits,
+--       id_origin, match_record (or ''), history_entry (or ''), history_length,
+--       n_traits, (name, json) * n_traits, n_ops, (op, field, group, value, extra) * n_ops,
 --       identifier...
 local parent = redis.call('HGET', KEYS[1], 'merged_into')
 if parent then return {5, parent} end
-local seen = redis.call('HGET', KEYS[6], ARGV[6])
+local seen = redis.call('HGET', KEYS[4], ARGV[6])
 if seen then
   if string.sub(seen, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then return {2} end
   return {3}
 end
-redis.call('HSET', KEYS[6], ARGV[6], ARGV[1] .. '|' .. ARGV[4])
-redis.call('ZADD', KEYS[7], ARGV[4], ARGV[6])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', tonumber(ARGV[4]) - tonumber(ARGV[2]), 'LIMIT', 0, 16)
-if #expired > 0 then
-  redis.call('HDEL', KEYS[6], unpack(expired))
-  redis.call('ZREM', KEYS[7], unpack(expired))
+local now = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[2])
+redis.call('HSET', KEYS[4], ARGV[6], ARGV[1] .. '|' .. ARGV[4])
+local sweep = redis.call('HGET', KEYS[1], 'seen_sweep')
+if not sweep then
+  redis.call('HSET', KEYS[1], 'seen_sweep', fmt(now + ttl))
+elseif now >= tonumber(sweep) then
+  sweep_seen(KEYS[4], now - ttl)
+  redis.call('HSET', KEYS[1], 'seen_sweep', fmt(now + math.max(math.floor(ttl / 8), 1000)))
 end
 local ts = tonumber(ARGV[3])
 local status = 1
@@ -58,23 +70,20 @@ local first = redis.call('HGET', KEYS[1], 'first_seen')
 if (not first) or ts < tonumber(first) then redis.call('HSET', KEYS[1], 'first_seen', ARGV[3]) end
 local last = redis.call('HGET', KEYS[1], 'last_seen')
 if (not last) or ts > tonumber(last) then redis.call('HSET', KEYS[1], 'last_seen', ARGV[3]) end
-if ARGV[8] ~= '' and redis.call('SCARD', KEYS[8]) < 32 then redis.call('SADD', KEYS[8], ARGV[8]) end
-local n = tonumber(ARGV[9])
-local i = 10
+if ARGV[8] ~= '' and redis.call('SCARD', KEYS[7]) < 32 then redis.call('SADD', KEYS[7], ARGV[8]) end
+if ARGV[9] ~= '' then history_insert(KEYS[6], ARGV[9], tonumber(ARGV[10])) end
+local n = tonumber(ARGV[11])
+local i = 12
 for _ = 1, n do
-  local name = ARGV[i]
-  local held = redis.call('HGET', KEYS[3], name)
-  if (not held) or ts >= tonumber(held) then
-    redis.call('HSET', KEYS[2], name, ARGV[i + 1])
-    redis.call('HSET', KEYS[3], name, ARGV[3])
-  end
+  set_latest(KEYS[2], ARGV[i], ARGV[3] .. '|' .. ARGV[i + 1])
   i = i + 2
 end
-for j = i, #ARGV do
-  if redis.call('SADD', KEYS[4], ARGV[j]) == 1 then
-    redis.call('HSETNX', KEYS[5], ARGV[j], ARGV[7])
-  end
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  apply_op(KEYS[5], ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+  i = i + 5
 end
+for j = i, #ARGV do redis.call('HSETNX', KEYS[3], ARGV[j], ARGV[7]) end
 return {status}
 """
 
@@ -93,6 +102,7 @@ def apply_event_call(
     origin: str,
     identifiers: Sequence[Identifier],
     *,
+    model: ProfileModel,
     dedupe_ttl_s: int,
     now_ms: int,
     match_record: bytes = b"",
@@ -103,16 +113,26 @@ def apply_event_call(
     already held there; never the ones merge protection kept apart).
     ``match_record``: the event's fuzzy-match record (JSON), if it has one."""
     keys = ProfileKeys(profile_id)
-    id_origin = orjson.dumps({"messageId": event.message_id, "channel": event.channel, "at": event.timestamp_ms})
     args: list[object] = [
-        origin, dedupe_ttl_s * 1000, event.timestamp_ms, now_ms, profile_id,
-        message_field(event.message_id), id_origin, match_record, len(event.traits),
+        origin_digest(origin), dedupe_ttl_s * 1000, event.timestamp_ms, now_ms, profile_id,
+        message_field(event.message_id), identifier_origin(event), match_record,
+        model.history_entry(event), model.history_length,
     ]
-    for name, value in event.traits.items():
+    traits = model.traits_of(event)
+    args.append(len(traits))
+    for name, value in traits:
         args.append(name)
-        args.append(orjson.dumps(value))
+        args.append(value)
+    ops = model.computed.plan(event)
+    args.append(len(ops) // 5)
+    args.extend(ops)
     args.extend(str(i) for i in identifiers)
-    return [keys.meta, keys.traits, keys.traits_ts, keys.ids, keys.id_origin, keys.seen, keys.seen_at, keys.match], args
+    return [keys.meta, keys.traits, keys.ids, keys.seen, keys.computed, keys.history, keys.match], args
+
+
+def identifier_origin(event: Event) -> bytes:
+    """Where the profile first got an identifier: ``"<event ms>|<channel>|<messageId>"``."""
+    return b"%d|%s|%s" % (event.timestamp_ms, event.channel.encode(), event.message_id.encode())
 
 
 async def find_profile_id(redis, identifier: Identifier, hash_key: str) -> str | None:
@@ -131,37 +151,71 @@ async def root_of(redis, profile_id: str, max_hops: int = 64) -> str:
     raise RuntimeError(f"merge chain longer than {max_hops} hops at {profile_id}")
 
 
-async def read_profile(redis, profile_id: str) -> dict | None:
+async def read_profile(redis, profile_id: str, model: ProfileModel | None = None, *, now_ms: int | None = None) -> dict | None:
     """The profile as a JSON-ready dict (the survivor, if ``profile_id`` was merged
-    into another), or None when there is none."""
+    into another), or None when there is none. ``model``: the worker's profile
+    configuration (computed traits are presented by it); the shipped one by default."""
+    model = model or default_model()
     profile_id = await root_of(redis, profile_id)
     keys = ProfileKeys(profile_id)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.meta)
         pipe.hgetall(keys.traits)
-        pipe.hgetall(keys.id_origin)
-        pipe.smembers(keys.ids)
+        pipe.hgetall(keys.ids)
+        pipe.hgetall(keys.computed)
+        pipe.lrange(keys.history, 0, -1)
+        pipe.hkeys(keys.segments)
         pipe.lrange(keys.merges, 0, -1)
-        meta, traits, origins, ids, merges = await pipe.execute()
+        meta, stored_traits, ids, computed, history, segments, merges = await pipe.execute()
     if not meta or b"created_at" not in meta:
         return None
     meta = {_text(k): _text(v) for k, v in meta.items()}
-    origins = {_text(k): orjson.loads(v) for k, v in origins.items()}
+    traits: dict[str, tuple[int, object]] = {}
+    consent: dict[str, dict] = {}
+    for name, raw in stored_traits.items():
+        name = _text(name)
+        at, _, value = raw.partition(b"|")
+        if name.startswith(CONSENT_PREFIX):
+            granted, message_id, channel = orjson.loads(value)
+            consent[name[len(CONSENT_PREFIX):]] = {"granted": granted, "at": _iso(at), "messageId": message_id, "channel": channel}
+        else:
+            traits[name] = (int(at), orjson.loads(value))
+    origins = {}
+    for identifier, raw in sorted(ids.items()):
+        at, channel, message_id = _text(raw).split("|", 2)
+        origins[_text(identifier)] = {"messageId": message_id, "channel": channel, "at": _iso(at)}
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     return {
         "id": profile_id,
-        "identifiers": sorted(_text(i) for i in ids),
-        "traits": {_text(k): orjson.loads(v) for k, v in sorted(traits.items())},
+        "identifiers": sorted(origins),
+        "traits": unflatten(traits),
+        "computedTraits": model.computed.present({_text(k): _text(v) for k, v in computed.items()}, now_ms),
+        "consent": dict(sorted(consent.items())),
+        "segments": sorted(_text(s) for s in segments),
         "createdAt": _iso(meta.get("created_at")),
         "updatedAt": _iso(meta.get("updated_at")),
         "firstSeen": _iso(meta.get("first_seen")),
         "lastSeen": _iso(meta.get("last_seen")),
         "eventCount": _int(meta.get("event_count")) or 0,
-        "identifierOrigins": {
-            i: {"messageId": o.get("messageId"), "channel": o.get("channel"), "at": _iso(o.get("at"))}
-            for i, o in sorted(origins.items())
-        },
+        "recentEvents": [history_item(entry) for entry in history],
+        "identifierOrigins": origins,
         "merges": [orjson.loads(m) for m in merges],
     }
+
+
+@functools.cache
+def default_model() -> ProfileModel:
+    """The profile model of the shipped configuration files and default settings."""
+    from streams.settings import Settings
+
+    return ProfileModel.load(Settings())
+
+
+def history_item(entry: bytes) -> dict:
+    at, _, body = entry.partition(b"|")
+    item = orjson.loads(body)
+    item["timestamp"] = _iso(at)
+    return item
 
 
 def _text(value: bytes | str) -> str:
@@ -172,7 +226,7 @@ def _int(value: str | None) -> int | None:
     return int(value) if value is not None else None
 
 
-def _iso(ms: str | None) -> str | None:
+def _iso(ms: str | bytes | None) -> str | None:
     """Milliseconds since the epoch as ISO 8601 UTC with milliseconds."""
     if ms is None:
         return None
@@ -181,12 +235,16 @@ def _iso(ms: str | None) -> str | None:
 
 
 
-async def lookup_profile(redis, id_or_identifier: str, *, hash_key: str, default_region: str) -> dict | None:
+async def lookup_profile(
+    redis, id_or_identifier: str, *, hash_key: str, default_region: str, model: ProfileModel | None = None
+) -> dict | None:
     """A profile by its id (``p_...``) or by an identifier (``email:ann@example.com``).
 
     Raises InvalidIdentifier for text that is neither."""
     text = id_or_identifier.strip()
     if text.startswith("p_") and ":" not in text:
-        return await read_profile(redis, text)
-    profile_id = await find_profile_id(redis, parse_identifier(text, default_region), hash_key)
-    return None if profile_id is None else await read_profile(redis, profile_id)
+        return await read_profile(redis, text, model)
+    model = model or default_model()
+    identifier = model.sensitive.protect_identifier(parse_identifier(text, default_region))
+    profile_id = await find_profile_id(redis, identifier, hash_key)
+    return None if profile_id is None else await read_profile(redis, profile_id, model)

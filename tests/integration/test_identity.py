@@ -277,7 +277,7 @@ async def test_two_workers_racing_on_many_partitions_converge(infra, producer):
                 assert not any([await store.exists(k) for k in ProfileKeys(profile_id).state()]), f"{profile_id}: state left behind"
             else:
                 assert profile_id not in absorbed
-                assert await store.scard(ProfileKeys(profile_id).ids) > 0, f"{profile_id}: a root without identifiers"
+                assert await store.hlen(ProfileKeys(profile_id).ids) > 0, f"{profile_id}: a root without identifiers"
     finally:
         for w in workers:
             w.stop()

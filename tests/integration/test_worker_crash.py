@@ -1,7 +1,8 @@
 """SIGKILL the worker mid-stream, restart it, and check that nothing was lost and
-nothing counted twice: every profile's event count equals its input exactly, and
-every input event has a resolved output (duplicates only as redeliveries of the
-same record, which carry the same messageId)."""
+nothing counted twice: every profile's event count, computed traits (order count,
+spend per currency, counts per event name) and history equal the values computed
+here from the input, and every input event has a resolved output (duplicates only
+as redeliveries of the same record, which carry the same messageId)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,45 @@ CRASH_DB = 13
 USERS = 40
 EVENTS = 3000
 KILLS = 2
+
+
+async def profiles_of(store, users, settings) -> dict[str, dict | None]:
+    return {
+        user: await lookup_profile(store, f"user_id:{user}", hash_key=settings.id_hash_key, default_region="US")
+        for user in users
+    }
+
+
+def expected_profile(events: list[dict]) -> dict:
+    """What the profile of these events must show, computed from the input alone."""
+    spend: dict[str, float] = {}
+    names: Counter[str] = Counter()
+    for event in events:
+        names[event.get("event") or event["type"]] += 1
+        if event.get("event") == "Order Completed":
+            currency = event["properties"]["currency"]
+            spend[currency] = round(spend.get(currency, 0) + event["properties"]["total"], 2)
+    newest = sorted(events, key=lambda e: e["timestamp"], reverse=True)[:20]
+    return {
+        "eventCount": len(events),
+        "order_count": names["Order Completed"],
+        "total_spend": spend,
+        "event_counts": dict(names),
+        "history": [e["messageId"] for e in newest],
+    }
+
+
+def shown(profile: dict | None) -> dict | None:
+    if profile is None:
+        return None
+    computed = profile["computedTraits"]
+    return {
+        "eventCount": profile["eventCount"],
+        "order_count": computed["order_count"],
+        "total_spend": {c: round(v, 2) for c, v in computed["total_spend"].items()},
+        "event_counts": computed["event_counts"],
+        "history": [e["messageId"] for e in profile["recentEvents"]],
+    }
 
 
 async def applied_counts(store, users, settings) -> dict[str, int]:
@@ -54,7 +94,9 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(infra, 
     rng = random.Random(7)
     users = [unique("crash-u") for _ in range(USERS)]
     expected: Counter[str] = Counter()
+    sent: dict[str, list[dict]] = {user: [] for user in users}
     message_ids: set[str] = set()
+    clock = iter(range(10**6))
     chunks = 30
     kill_at = {chunks * (k + 1) // (KILLS + 1) for k in range(KILLS)}
     try:
@@ -62,10 +104,23 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(infra, 
             batch = []
             for _ in range(EVENTS // chunks):
                 user = rng.choice(users)
-                event = identify(userId=user, traits={"n": rng.randint(0, 9)}) if rng.random() < 0.2 else track(userId=user, anonymousId=None)
+                roll = rng.random()
+                if roll < 0.2:
+                    event = identify(userId=user, traits={"n": rng.randint(0, 9)})
+                elif roll < 0.4:
+                    event = track(userId=user, anonymousId=None, event="Order Completed", properties={
+                        "total": rng.randint(100, 9999) / 100, "currency": rng.choice(("EUR", "USD"))})
+                else:
+                    event = track(userId=user, anonymousId=None)
+                # Distinct event times (sent shuffled within a chunk), so the
+                # expected history is exact.
+                second = next(clock)
+                event["timestamp"] = f"2026-11-20T{second // 3600 % 24:02d}:{second // 60 % 60:02d}:{second % 60:02d}.{rng.randint(0, 999):03d}Z"
                 batch.append((user, event))
+                sent[user].append(event)
                 expected[user] += 1
                 message_ids.add(event["messageId"])
+            rng.shuffle(batch)
             for user, event in batch:
                 await producer.send(rng.choice((EVENTS_WEB, EVENTS_APP)), orjson.dumps(event), key=user.encode())
             await producer.flush()
@@ -91,6 +146,9 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(infra, 
                 break
             await asyncio.sleep(0.5)
         assert counts == dict(expected), "every profile's event count must equal its input exactly"
+        profiles = await profiles_of(store, users, settings)
+        for user in users:
+            assert shown(profiles[user]) == expected_profile(sent[user]), f"{user}: computed traits or history differ from the input"
 
         found = await resolved.collect(lambda r: orjson.loads(r.value)["messageId"] in message_ids, EVENTS, timeout_s=60)
         await resolved.drain(quiet_s=2.0)

@@ -55,6 +55,7 @@ MALFORMED = [
     ("context.traits as string", b'{"type":"track","event":"x","userId":"u","context":{"traits":"x"}}', "schema_violation", "context.traits"),
     ("externalIds not a list", b'{"type":"track","event":"x","userId":"u","context":{"externalIds":{"id":"1"}}}', "schema_violation", "context.externalIds"),
     ("bad timestamp", b'{"type":"track","event":"x","userId":"u","timestamp":"yesterday"}', "schema_violation", "timestamp"),
+    ("dotted trait name", b'{"type":"identify","userId":"u","traits":{"address":{"zip.code":"0150"}}}', "invalid_trait_name", "traits.address"),
     ("no identifier", b'{"type":"page","name":"Home"}', "no_identifier", None),
 ]
 

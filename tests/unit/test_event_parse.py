@@ -6,6 +6,7 @@ import dataclasses
 import doctest
 import pickle
 import random
+import re
 import time
 from hashlib import blake2b
 from typing import Any
@@ -20,6 +21,8 @@ from schemas.events import (
     IDENTIFIER_PRIORITY,
     MAX_DEPTH,
     MAX_EVENT_BYTES,
+    MAX_TRAIT_NAME_LENGTH,
+    TRAIT_NAME_FORBIDDEN,
     Event,
     Identifier,
     RejectReason,
@@ -140,6 +143,12 @@ MALFORMED: list[tuple[str, bytes, RejectReason, str | None]] = [
     ("impossible date", track(originalTimestamp="2026-02-30T10:00:00Z"), R.SCHEMA_VIOLATION, "originalTimestamp"),
     ("hour 24", track(receivedAt="2026-11-20T24:00:00Z"), R.SCHEMA_VIOLATION, "receivedAt"),
     ("bad sentAt", track(sentAt="2026-11-20T10:00:00 PST"), R.SCHEMA_VIOLATION, "sentAt"),
+    ("trait name with a dot", dump({"type": "identify", "userId": "u", "traits": {"address.city": "Oslo"}}), R.INVALID_TRAIT_NAME, "traits"),
+    ("nested trait name with a dot", dump({"type": "identify", "userId": "u", "traits": {"address": {"geo": {"lat.deg": 1}}}}), R.INVALID_TRAIT_NAME, "traits.address.geo"),
+    ("context.traits name starting with $", track(context={"traits": {"$set": 1}}), R.INVALID_TRAIT_NAME, "context.traits"),
+    ("empty trait name", dump({"type": "identify", "userId": "u", "traits": {"": 1}}), R.INVALID_TRAIT_NAME, "traits"),
+    ("trait name of 129 characters", dump({"type": "identify", "userId": "u", "traits": {"n" * 129: 1}}), R.INVALID_TRAIT_NAME, "traits"),
+    ("trait name with a newline", dump({"type": "identify", "userId": "u", "traits": {"plan\n": 1}}), R.INVALID_TRAIT_NAME, "traits"),
     ("identify with only an invalid email", dump({"type": "identify", "traits": {"email": "ann at example"}}), R.INVALID_IDENTIFIER, "traits.email"),
     ("email without @ beside a userId", dump({"type": "identify", "userId": "u", "traits": {"email": "n/a"}}), R.INVALID_IDENTIFIER, "traits.email"),
     ("unusable phone in context.traits", track(context={"traits": {"phone": "call me"}}), R.INVALID_IDENTIFIER, "context.traits.phone"),
@@ -614,6 +623,142 @@ def test_event_is_an_ordinary_frozen_dataclass() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         event.user_id = "x"  # type: ignore[misc]
     assert orjson.loads(orjson.dumps(event))["identifiers"][0] == {"type": "user_id", "value": "u-17"}
+
+
+# ----------------------------------------------------------------- trait names
+
+
+def identify_with(traits: Any = None, context_traits: Any = None, **fields: Any) -> bytes:
+    payload: dict[str, Any] = {"type": "identify", "userId": "u-1", **fields}
+    if traits is not None:
+        payload["traits"] = traits
+    if context_traits is not None:
+        payload["context"] = {"traits": context_traits}
+    return dump(payload)
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("", ["''", "is empty"]),
+        ("n" * 129, ["is 129 characters long", "limit is 128", "…"]),
+        ("address.city", ["'address.city'", "contains '.'", "dotted path", '{"address": {"city": ...}}']),
+        ("$set", ["'$set'", "starts with '$'", "reserved"]),
+        ("a\tb", ["'a\\tb'", "U+0009"]),
+        ("a\nb", ["'a\\nb'", "U+000A"]),
+        ("plan\n", ["U+000A"]),
+        ("\x00", ["U+0000"]),
+        ("a\x1fb", ["U+001F"]),
+        ("a\x7fb", ["U+007F"]),
+        ("a\x85b", ["U+0085"]),
+        ("a\x9fb", ["U+009F"]),
+    ],
+)
+def test_bad_trait_names_are_refused_with_a_readable_detail(name: str, words: list[str]) -> None:
+    error = reject(identify_with({"plan": "pro", name: 1}))
+    assert error.reason is R.INVALID_TRAIT_NAME and error.field == "traits"
+    assert error.detail.startswith("trait name ")
+    for word in words:
+        assert word in error.detail, (word, error.detail)
+    assert len(error.detail) < 200
+    assert str(error).startswith("invalid_trait_name at traits: trait name ")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "plan", "first_name", "First Name", "loyalty-tier", "createdAt", "price$", "a$b$", "prénom", "名前",
+        "emoji 🎉", "a\u00a0b", "a\u2028b", " leading space", "n" * MAX_TRAIT_NAME_LENGTH, "0", "-", "#", "@id",
+    ],
+)
+def test_good_trait_names_pass(name: str) -> None:
+    traits = {name: 1, "nested": {name: {name: [1]}}}
+    assert parse(identify_with(traits, context_traits={name: 2})).traits[name] == 1
+
+
+def test_trait_names_are_checked_at_every_level_of_nested_objects() -> None:
+    deep_traits: dict[str, Any] = {"ok": 1}
+    node = deep_traits
+    for level in range(10):
+        node[f"l{level}"] = {"x": level}
+        node = node[f"l{level}"]
+    assert parse(identify_with(deep_traits)).traits["l0"]["l1"]["x"] == 1
+    node["bad.name"] = 1
+    error = reject(identify_with(deep_traits))
+    assert error.field == "traits." + ".".join(f"l{level}" for level in range(10))
+    # a sibling object checked after a clean one
+    error = reject(identify_with({"a": {"b": 1}, "c": {"d": {"$e": 1}}, "f": 1}))
+    assert error.field == "traits.c.d" and "'$e'" in error.detail
+
+
+def test_objects_inside_arrays_and_empty_objects_are_values_not_traits() -> None:
+    traits = {"children": [{"first.name": "Bo"}, {"": 1, "$x": [{"a.b": 1}]}], "empty": {}, "tags": ["a.b", "$c"]}
+    assert parse(identify_with(traits)).traits["children"][0] == {"first.name": "Bo"}
+
+
+def test_trait_names_in_context_traits_are_checked_and_named() -> None:
+    error = reject(identify_with({"plan": "pro"}, context_traits={"address": {"zip.code": "0150"}}))
+    assert (error.reason, error.field) == (R.INVALID_TRAIT_NAME, "context.traits.address")
+    # top-level traits first: both bad, the top-level one is reported
+    error = reject(identify_with({"a.b": 1}, context_traits={"c.d": 1}))
+    assert error.field == "traits" and "'a.b'" in error.detail
+
+
+def test_group_traits_follow_the_same_naming_rules() -> None:
+    raw = dump({"type": "group", "userId": "u", "groupId": "g", "traits": {"billing.plan": "pro"}})
+    assert reject(raw).reason is R.INVALID_TRAIT_NAME
+
+
+def test_properties_and_other_objects_may_use_any_key() -> None:
+    event = parse(track(properties={"a.b": 1, "$c": 2, "": 3, "x\ny": 4}, context={"page": {"a.b": 1}}))
+    assert event.properties["a.b"] == 1
+
+
+def test_trait_name_checks_come_after_schema_and_before_identifiers() -> None:
+    # a schema violation elsewhere wins over a bad trait name
+    assert reject(identify_with({"a.b": 1}, userId=17)).reason is R.SCHEMA_VIOLATION
+    # a bad trait name wins over an unusable email or a missing identifier
+    assert reject(identify_with({"a.b": 1, "email": "not an email"})).reason is R.INVALID_TRAIT_NAME
+    assert reject(dump({"type": "identify", "traits": {"a.b": 1}})).reason is R.INVALID_TRAIT_NAME
+
+
+def test_long_bad_trait_names_are_truncated_in_the_detail() -> None:
+    error = reject(identify_with({"x" * 5000 + ".": 1}))
+    assert "5001 characters" in error.detail and len(error.detail) < 200
+
+
+def test_trait_name_rule_matches_the_schema_pattern_on_random_names() -> None:
+    """The parser's rule and TRAIT_NAME_FORBIDDEN/length (the schema's traitName) agree."""
+    forbidden = re.compile(TRAIT_NAME_FORBIDDEN)
+    alphabet = "ab_-. $\t\n\x00\x1f\x7f\x80\x85\x9f\xa0é名🎉"
+    rng = random.Random(4)
+    for _ in range(2000):
+        name = "".join(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 2, 3, 5, 127, 128, 129])))
+        schema_ok = 1 <= len(name) <= MAX_TRAIT_NAME_LENGTH and forbidden.search(name) is None
+        try:
+            parse(identify_with({name: 1}))
+            parser_ok = True
+        except InvalidEvent as error:
+            assert error.reason is R.INVALID_TRAIT_NAME
+            parser_ok = False
+        assert parser_ok == schema_ok, repr(name)
+
+
+def test_the_valid_name_cache_never_changes_a_verdict() -> None:
+    names = schemas.events._VALID_NAMES
+    saved = set(names)
+    try:
+        names.clear()
+        for index in range(schemas.events._VALID_NAMES_MAX + 50):
+            parse(identify_with({f"t{index}": 1}))
+        assert len(names) == schemas.events._VALID_NAMES_MAX  # bounded
+        assert parse(identify_with({"beyond_the_cache": 1})).traits == {"beyond_the_cache": 1}
+        assert "beyond_the_cache" not in names
+        assert reject(identify_with({"t1": 1, "t2.x": 1})).reason is R.INVALID_TRAIT_NAME
+        assert not any("." in name for name in names)
+    finally:
+        names.clear()
+        names.update(saved)
 
 
 def test_docstring_examples_run() -> None:

@@ -7,10 +7,10 @@ import orjson
 
 from agents.ingest.core import PROCESSING_ERROR, Accepted, Rejected, split_batch, validate
 from agents.pipeline import resolved_message
-from agents.profiles.store import apply_event_call
+from agents.profiles.store import apply_event_call, default_model
 from schemas.events import Identifier, parse_event
 from streams.deadletter import dead_letter, header_map
-from streams.keys import ProfileKeys, identifier_key, message_field, new_profile_id
+from streams.keys import ProfileKeys, identifier_key, message_field, new_profile_id, origin_digest
 from streams.logs import JsonFormatter, logging_config
 from streams.records import Record
 from streams.topics import DEAD_LETTER, RESOLVED, channel_of
@@ -59,7 +59,7 @@ def test_keys_share_the_profile_slot_and_hide_identifier_values():
     key = identifier_key(email, "")
     assert "ann" not in key and key.startswith("cdp:id:{")
     assert identifier_key(email, "") != identifier_key(email, "other-secret")
-    assert len(message_field("x" * 1000)) < 100
+    assert len(message_field("x" * 1000)) == len(message_field("m1")) == 16
 
 
 def test_profile_ids_sort_by_creation_time_and_hide_the_identifier():
@@ -73,24 +73,34 @@ def test_profile_ids_sort_by_creation_time_and_hide_the_identifier():
 def test_apply_event_arguments():
     event = parse_event(
         orjson.dumps({"type": "alias", "userId": "u1", "previousId": "a1", "messageId": "m1",
-                      "timestamp": "2026-11-20T10:00:00Z", "context": {"traits": {"plan": "pro", "address": {"city": "Oslo"}}}}),
+                      "timestamp": "2026-11-20T10:00:00Z",
+                      "context": {"traits": {"plan": "pro", "address": {"city": "Oslo"}},
+                                  "consent": {"categoryPreferences": {"marketing": False, "bad": "yes"}}}}),
         channel="web", fallback_timestamp_ms=0,
     )
-    keys, args = apply_event_call(event, "p_1", "t/0/5", [Identifier("user_id", "u1")], dedupe_ttl_s=60, now_ms=99)
+    model = default_model()
+    keys, args = apply_event_call(event, "p_1", "t/0/5", [Identifier("user_id", "u1")], model=model, dedupe_ttl_s=60, now_ms=99)
     k = ProfileKeys("p_1")
-    assert keys == [k.meta, k.traits, k.traits_ts, k.ids, k.id_origin, k.seen, k.seen_at, k.match]
-    assert args[:6] == ["t/0/5", 60_000, event.timestamp_ms, 99, "p_1", "m1"]
-    assert orjson.loads(args[6]) == {"messageId": "m1", "channel": "web", "at": event.timestamp_ms}
-    assert args[7:9] == [b"", 2]
-    assert args[9:13] == ["plan", b'"pro"', "address", b'{"city":"Oslo"}']
-    assert args[13:] == ["user_id:u1"]
+    assert keys == [k.meta, k.traits, k.ids, k.seen, k.computed, k.history, k.match]
+    assert args[:6] == [origin_digest("t/0/5"), 60_000, event.timestamp_ms, 99, "p_1", message_field("m1")]
+    assert args[6] == b"%d|web|m1" % event.timestamp_ms
+    assert args[7] == b""
+    at, _, entry = args[8].partition(b"|")
+    assert int(at) == event.timestamp_ms
+    assert orjson.loads(entry) == {"messageId": "m1", "type": "alias", "event": "alias", "channel": "web"}
+    assert args[9] == model.history_length
+    # Nested traits by dotted path; consent beside them; non-boolean consent ignored.
+    assert args[10:17] == [3, "plan", b'"pro"', "address.city", b'"Oslo"', "$consent.marketing", b'[false,"m1","web"]']
+    n_ops = args[17]
+    assert n_ops == len(model.computed.plan(event)) // 5 and n_ops >= 1  # event_counts, channels_used
+    assert args[18 + 5 * n_ops:] == ["user_id:u1"]
 
 
 def test_resolved_message_carries_profile_and_source():
     raw = orjson.dumps({"type": "track", "event": "x", "userId": "u", "messageId": "m9"})
     [item], _ = split_batch([rec(raw, 7)], default_region="US")
     assert isinstance(item, Accepted)
-    m = resolved_message(item, "p_9")
+    m = resolved_message(item, "p_9", default_model().sensitive)
     body = orjson.loads(m.value)
     assert (m.topic, m.key) == (RESOLVED, b"p_9")
     assert body["profileId"] == "p_9" and body["messageId"] == "m9"

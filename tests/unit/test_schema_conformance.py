@@ -22,7 +22,16 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from schemas.errors import InvalidEvent
-from schemas.events import DATE_TIME_PATTERN, EVENT_TYPES, MAX_DEPTH, MAX_EVENT_BYTES, RejectReason, parse_event
+from schemas.events import (
+    DATE_TIME_PATTERN,
+    EVENT_TYPES,
+    MAX_DEPTH,
+    MAX_EVENT_BYTES,
+    MAX_TRAIT_NAME_LENGTH,
+    TRAIT_NAME_FORBIDDEN,
+    RejectReason,
+    parse_event,
+)
 from schemas.identifiers import MAX_ID_LENGTH, MAX_TYPE_LENGTH
 
 SCHEMA = orjson.loads(resources.files("schemas").joinpath("json/event.schema.json").read_bytes())
@@ -137,6 +146,17 @@ CORPUS: list[Case] = [
     ok("name field ignored on track", {"type": "track", "event": "x", "userId": "u", "name": 5}),
     ok("blank userId with anonymousId", {"type": "track", "event": "x", "userId": " ", "anonymousId": "a"}),
     ok("depth exactly 32", deep(MAX_DEPTH)),
+    # --- trait names (every level of nested objects in traits / context.traits)
+    ok("nested traits", {"type": "identify", "userId": "u",
+                         "traits": {"address": {"city": "Berlin", "geo": {"lat": 52.5}}, "plan": None}}),
+    ok("trait names with spaces, dashes, unicode, inner $", {"type": "identify", "userId": "u", "traits": {
+        "First Name": "Ann", "loyalty-tier": "gold", "prénom": "Ann", "名前": "x", "price$": 1, "a\u00a0b": 2}}),
+    ok("trait name of exactly 128 characters", {"type": "identify", "userId": "u",
+                                                "traits": {"t" * MAX_TRAIT_NAME_LENGTH: 1}}),
+    ok("objects inside trait arrays are values", {"type": "identify", "userId": "u",
+                                                  "traits": {"children": [{"first.name": "Bo", "$x": 1, "": 2}]}}),
+    ok("dotted names in properties are fine", {"type": "track", "event": "x", "userId": "u",
+                                               "properties": {"a.b": 1, "$c": 2, "": 3}}),
     # --- invalid, decidable by the schema
     bad("missing type", {"event": "x", "userId": "u"}),
     bad("unknown type", {"type": "foo", "userId": "u"}),
@@ -185,6 +205,23 @@ CORPUS: list[Case] = [
                                    "timestamp": "2026-11-20T10:00:00z"}),
     bad("sentAt with trailing space", {"type": "track", "event": "x", "userId": "u",
                                        "sentAt": "2026-11-20T10:00:00Z "}),
+    bad("trait name with a dot", {"type": "identify", "userId": "u", "traits": {"address.city": "Berlin"}}),
+    bad("nested trait name with a dot", {"type": "identify", "userId": "u",
+                                         "traits": {"address": {"geo": {"lat.deg": 52}}}}),
+    bad("context.traits name with a dot", {"type": "track", "event": "x", "userId": "u",
+                                           "context": {"traits": {"a.b": 1}}}),
+    bad("trait name starting with $", {"type": "identify", "userId": "u", "traits": {"$set": {"plan": "pro"}}}),
+    bad("nested trait name starting with $", {"type": "identify", "userId": "u",
+                                              "context": {"traits": {"address": {"$city": "Oslo"}}}}),
+    bad("empty trait name", {"type": "identify", "userId": "u", "traits": {"": 1}}),
+    bad("trait name too long", {"type": "identify", "userId": "u", "traits": {"t" * (MAX_TRAIT_NAME_LENGTH + 1): 1}}),
+    bad("trait name with a newline", {"type": "identify", "userId": "u", "traits": {"plan\nx": 1}}),
+    bad("trait name ending in a newline", {"type": "identify", "userId": "u", "traits": {"plan\n": 1}}),
+    bad("trait name with a tab", {"type": "identify", "userId": "u", "traits": {"\tplan": 1}}),
+    bad("trait name with NUL", {"type": "identify", "userId": "u", "traits": {"a\u0000": 1}}),
+    bad("trait name with DEL", {"type": "identify", "userId": "u", "traits": {"a\u007fb": 1}}),
+    bad("trait name with a C1 control", {"type": "identify", "userId": "u", "traits": {"a\u0085b": 1}}),
+    bad("group trait name with a dot", {"type": "group", "userId": "u", "groupId": "g", "traits": {"a.b": 1}}),
     bad("top level array", [{"type": "track", "event": "x", "userId": "u"}]),
     bad("top level string", "track"),
     bad("top level null", None),
@@ -252,6 +289,13 @@ def test_parse_event_and_schema_agree(case: Case) -> None:
     )
 
 
+def test_trait_name_verdicts_carry_the_new_reason() -> None:
+    for case in CORPUS:
+        if "trait name" in case.name and not case.valid:
+            _, error = _code_verdict(case)
+            assert error is not None and error.reason is RejectReason.INVALID_TRAIT_NAME, case.name
+
+
 def test_schema_is_valid_draft_2020_12() -> None:
     Draft202012Validator.check_schema(SCHEMA)
     assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -264,6 +308,10 @@ def test_schema_constants_match_the_code() -> None:
     assert defs["optionalId"]["maxLength"] == MAX_ID_LENGTH
     assert defs["externalId"]["properties"]["id"]["maxLength"] == MAX_ID_LENGTH
     assert defs["externalId"]["properties"]["type"]["maxLength"] == MAX_TYPE_LENGTH
+    assert defs["traitName"]["maxLength"] == MAX_TRAIT_NAME_LENGTH
+    assert defs["traitName"]["not"]["pattern"] == TRAIT_NAME_FORBIDDEN
+    for traits in (SCHEMA["properties"]["traits"], SCHEMA["properties"]["context"]["properties"]["traits"]):
+        assert traits["$ref"] == "#/$defs/traits"
     description = SCHEMA["description"]
     assert str(MAX_EVENT_BYTES) in description and f"{MAX_DEPTH} levels" in description
 
