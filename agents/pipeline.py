@@ -217,6 +217,7 @@ class Pipeline:
                 status = ApplyStatus(int(reply[0]))
                 if status is ApplyStatus.MOVED:
                     self.metrics.identity_conflicts.labels("moved").inc()
+                    self.identity.suspect(plans[k].profile_id)
                     again.append(i)
                     continue
                 if first[i] is None:

@@ -5,7 +5,7 @@ Every step touches one hash slot, so the design holds on Redis Cluster:
 | step | slot | what |
 |---|---|---|
 | read owners | identifier | ``GET cdp:id:{digest}`` per identifier |
-| read nodes | profile | ``HMGET meta merged_into fold_pending`` + ``HKEYS ids`` |
+| read nodes | profile | ``HMGET meta merged_into fold_pending`` + ``HKEYS ids``, only for events that may claim, merge or be refused (``_simple_root``) |
 | ``SET_PARENT`` | absorbed | write-once ``merged_into`` + ``fold_pending``; refuses a second parent |
 | read state | absorbed | traits, identifiers, dedupe records, computed traits, history, audit ... |
 | ``FOLD`` | survivor | adds the absorbed state once (``folded`` set); refused on a merged profile |
@@ -28,7 +28,7 @@ from hashlib import blake2b
 
 import orjson
 
-from agents.identity.graph import GraphView, Merge, Node, identifiers_to_look_up
+from agents.identity.graph import GraphView, Merge, Node, candidates, identifiers_to_look_up
 from agents.identity.rules import IdentityRules
 from agents.profiles.lua import FUNCTIONS
 from schemas.events import Event, Identifier
@@ -152,6 +152,50 @@ class IdentityStore:
         # must drop their identifiers from this cache on every worker.)
         self._owners: dict[Identifier, str] = {}
         self._cache_size = cache_size
+        # absorbed profile → its parent, for merges seen *settled* (fold and cleanup
+        # done: no fold_pending). Parents are write-once and a settled merge has
+        # nothing left to finish, so these never go stale.
+        self._settled: dict[str, str] = {}
+        # Profiles an APPLY_EVENT found merged away (MOVED): read them before
+        # trusting the caches about them again.
+        self._suspect: set[str] = set()
+
+    def suspect(self, profile_id: str) -> None:
+        """``profile_id`` was found merged away: resolve its events the full way."""
+        if len(self._suspect) < 100_000:
+            self._suspect.add(profile_id)
+
+    def _settled_root(self, profile_id: str) -> str:
+        settled = self._settled
+        for _ in range(_MAX_FOLD_HOPS):
+            parent = settled.get(profile_id)
+            if parent is None:
+                return profile_id
+            profile_id = parent
+        return profile_id
+
+    def _simple_root(self, event: Event, owners: dict[Identifier, str | None]) -> str | None:
+        """The profile ``event`` lands on when that needs no reading of profiles:
+        every identifier is owned, all by one profile (or by profiles whose merge
+        into it is settled), that profile is not suspected of a newer merge, and one
+        identifier is strong (so fuzzy matching has no say). Else None.
+
+        Such an event claims nothing, merges nothing and adds no identifier the
+        profile does not have, so no limit can apply. If the profile has been
+        merged meanwhile, its ``APPLY_EVENT`` answers MOVED and the event is
+        resolved again the full way."""
+        root = None
+        strong = False
+        for identifier, _ in candidates(event, self.rules):
+            owner = owners.get(identifier)
+            if owner is None:
+                return None
+            found = self._settled_root(owner)
+            if found in self._suspect or (root is not None and found != root):
+                return None
+            root = found
+            strong = strong or self.rules.strong(identifier.type)
+        return root if strong else None
 
     def remember_owner(self, identifier: Identifier, profile_id: str) -> None:
         owners = self._owners
@@ -190,7 +234,21 @@ class IdentityStore:
                 owner = owners[identifier] = _text(value) if value is not None else None
                 if owner is not None:
                     self.remember_owner(identifier, owner)
-        nodes = await self.read_nodes({p for p in owners.values() if p})
+        # Profiles are read only for the events that may claim, merge or be refused.
+        wanted: set[str] = set()
+        shortcut: set[str] = set()
+        for event in events:
+            event_owners = [owners.get(i) for i, _ in candidates(event, self.rules)]
+            if self._simple_root(event, owners) is None:
+                wanted.update(p for p in event_owners if p)
+            else:
+                shortcut.update(event_owners)
+        nodes = await self.read_nodes(wanted)
+        # Settled merges on the shortcut events' chains, so the planner finds roots.
+        for profile_id in shortcut:
+            while profile_id in self._settled and profile_id not in nodes:
+                nodes[profile_id] = Node(profile_id, self._settled[profile_id])
+                profile_id = self._settled[profile_id]
         pending_folds = [n for n in nodes.values() if n.fold_pending and n.parent]
         return GraphView(owners, nodes), pending_folds
 
@@ -220,8 +278,11 @@ class IdentityStore:
                     pending is not None and _text(pending) == "1",
                 )
                 nodes[profile_id] = node
+                self._suspect.discard(profile_id)
                 if node.parent:
                     wanted.add(node.parent)
+                    if not node.fold_pending and len(self._settled) < self._cache_size:
+                        self._settled[profile_id] = node.parent
         raise RuntimeError("merge chains deeper than expected; refusing to guess")
 
     async def set_parents(self, merges: Sequence[Merge], now_ms: int) -> list[str]:

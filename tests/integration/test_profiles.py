@@ -237,3 +237,33 @@ async def test_read_api_and_cli(worker, redis, producer):
                          capture_output=True, cwd=ROOT, env=env, timeout=60)
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["computedTraits"]["total_spend"] == {"EUR": 12.5}
+
+
+async def test_known_identifiers_skip_profile_reads_and_a_merge_elsewhere_is_followed(infra, redis, producer, metrics):
+    """Events whose identifiers all belong to one profile are applied without reading
+    profiles; when another worker merges that profile meanwhile, the event is
+    answered MOVED and lands on the survivor."""
+    from streams.metrics import Metrics
+
+    ours = Pipeline(infra, redis, AiokafkaProducer(producer), metrics)
+    other = Pipeline(infra, redis, AiokafkaProducer(producer), Metrics())
+    old_user, anon = unique("u"), unique("a")
+    await ours.handle([record(track(userId=old_user, anonymousId=None, timestamp=at(1)))])  # the older profile
+    await ours.handle([record(track(anonymousId=anon, timestamp=at(2)))])  # a younger one
+    young = (await profile_of(redis, f"anonymous_id:{anon}"))["id"]
+    # Warm: our caches now know anon's owner; a further event takes the shortcut.
+    await ours.handle([record(track(anonymousId=anon, timestamp=at(3)))])
+    # Another worker links the two: the young profile is merged into the old one.
+    await other.handle([record(track(userId=old_user, anonymousId=anon, timestamp=at(4)))])
+    moved_before = metrics.identity_conflicts.labels("moved")._value.get()
+    await ours.handle([record(track(anonymousId=anon, timestamp=at(5), event="After Merge"))])
+    # MOVED proves the shortcut: reading the young profile would have shown its parent.
+    assert metrics.identity_conflicts.labels("moved")._value.get() == moved_before + 1
+    merged = await profile_of(redis, f"user_id:{old_user}")
+    assert merged["id"] != young and merged["eventCount"] == 5
+    assert merged["recentEvents"][0]["event"] == "After Merge"
+    # Now settled: the next event goes straight to the survivor, no MOVED.
+    await ours.handle([record(track(anonymousId=anon, timestamp=at(6)))])
+    await ours.handle([record(track(anonymousId=anon, timestamp=at(7)))])
+    assert metrics.identity_conflicts.labels("moved")._value.get() == moved_before + 1
+    assert (await profile_of(redis, f"anonymous_id:{anon}"))["eventCount"] == 7
