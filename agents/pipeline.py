@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 STORE_ERROR = "store_error"
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 5.0
+# A Redis round trip (one pipelined batch step) taking longer counts as an outage.
+_ROUND_TRIP_TIMEOUT_S = 10.0
 # Rounds of re-resolution a batch may need when other workers merge or claim under it.
 _MAX_ROUNDS = 8
 
@@ -173,9 +175,12 @@ class Pipeline:
     def _protect_identifiers(self, accepted: list[Accepted]) -> list[Accepted]:
         """Identifiers of a sensitive type (an externalIds entry of type national_id,
         say) are linked and stored by their keyed hash only."""
-        protect = self.model.sensitive.protect_identifier
+        sensitive = self.model.sensitive
+        protect = sensitive.protect_identifier
         out = accepted
         for index, item in enumerate(accepted):
+            if not sensitive.might_contain(item.record.value):
+                continue
             identifiers = item.event.identifiers
             protected = tuple(protect(i) for i in identifiers)
             if protected != identifiers:
@@ -271,6 +276,7 @@ class Pipeline:
                 keys, args = apply_event_call(
                     item.event, plan.profile_id, item.record.origin, plan.keeps,
                     model=self.model, dedupe_ttl_s=self._dedupe_ttl_s, now_ms=now_ms,
+                    plain=not self.model.sensitive.might_contain(item.record.value),
                     match_record=record.to_json() if record is not None else b"",
                 )
                 positions.append(len(pipe.command_stack))
@@ -317,8 +323,11 @@ class Pipeline:
         while True:
             started = time.perf_counter()
             try:
-                value = await step(*args)
-            except (RedisConnectionError, RedisTimeoutError, NoScriptError, OSError) as exc:
+                # One timer per round trip: the hot path's client reads without a
+                # per-reply socket timeout (redis-py arms one per reply otherwise).
+                async with asyncio.timeout(_ROUND_TRIP_TIMEOUT_S):
+                    value = await step(*args)
+            except (RedisConnectionError, RedisTimeoutError, TimeoutError, NoScriptError, OSError) as exc:
                 if isinstance(exc, NoScriptError):
                     # Redis restarted or flushed its script cache: load every script again.
                     self._scripts.clear()
@@ -349,6 +358,9 @@ class Pipeline:
 def resolved_message(item: Accepted, profile_id: str, sensitive: SensitivePolicy) -> OutboundMessage:
     """The accepted event, republished with its profile id, keyed by profile id;
     sensitive traits and properties are replaced by their protected form."""
+    payload = item.event.payload
+    if sensitive.might_contain(item.record.value):
+        payload = sensitive.redact(payload)
     event: Event = item.event
     record = item.record
     value = orjson.dumps(
@@ -360,7 +372,7 @@ def resolved_message(item: Accepted, profile_id: str, sensitive: SensitivePolicy
             "timestamp": event.timestamp_ms,
             "identifiers": [str(i) for i in event.identifiers],
             "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
-            "event": sensitive.redact(event.payload),
+            "event": payload,
         }
     )
     return OutboundMessage(RESOLVED, profile_id.encode(), value)

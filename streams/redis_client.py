@@ -2,8 +2,9 @@
 
 redis-py's asyncio connection packs every command in pure Python, which on our large
 pipelines cost about a fifth of the hot path (profiled). hiredis ships a C packer;
-this connection class uses it. (Another cost stays: redis-py arms a timer per reply
-for its ``socket_timeout``.)
+this connection class uses it. redis-py also arms a timer per reply for its
+``socket_timeout`` (5 s by default since redis-py 8): ``connect_hot_path`` turns it
+off, and the hot path bounds each whole round trip instead (agents/pipeline.py).
 """
 
 from __future__ import annotations
@@ -45,3 +46,12 @@ def connect(url: str, **options) -> aioredis.Redis:
         elif url.startswith("redis://"):
             options["connection_class"] = HiredisConnection
     return aioredis.from_url(url, **options)
+
+
+def connect_hot_path(url: str, **options) -> aioredis.Redis:
+    """The client for ``Pipeline``: no per-reply read timeout (the pipeline times
+    each round trip), a connect timeout, and periodic health checks."""
+    options.setdefault("socket_timeout", None)
+    options.setdefault("socket_connect_timeout", 5)
+    options.setdefault("health_check_interval", 10)
+    return connect(url, **options)

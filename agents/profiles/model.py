@@ -82,12 +82,13 @@ class ProfileModel:
                     raise ConfigError(f"computed trait {trait.name}: per {'.'.join(path)} would store sensitive values as group names")
         return cls(computed, sensitive, length, size)
 
-    def traits_of(self, event: Event) -> list[tuple[str, bytes]]:
+    def traits_of(self, event: Event, *, plain: bool = False) -> list[tuple[str, bytes]]:
         """The event's traits by dotted path (``address.city``), sensitive ones
-        protected, and its consent choices as ``$consent.<purpose>``: (name, JSON)."""
+        protected, and its consent choices as ``$consent.<purpose>``: (name, JSON).
+        ``plain``: the event is known to hold no sensitive name (``might_contain``)."""
         out: list[tuple[str, bytes]] = []
         if event.traits:
-            _flatten(self.sensitive.protect_traits(event.traits), "", out)
+            _flatten(event.traits if plain else self.sensitive.protect_traits(event.traits), "", out)
         consent = event.context.get("consent") if event.context else None
         if isinstance(consent, dict):
             preferences = consent.get("categoryPreferences")
@@ -97,13 +98,13 @@ class ProfileModel:
                         out.append((CONSENT_PREFIX + purpose, orjson.dumps([granted, event.message_id, event.channel])))
         return out
 
-    def history_entry(self, event: Event) -> bytes:
+    def history_entry(self, event: Event, *, plain: bool = False) -> bytes:
         """``"<event ms>|<JSON>"``, or b"" when history is off."""
         if self.history_length == 0:
             return b""
         entry = {"messageId": event.message_id, "type": event.type, "event": event_name(event), "channel": event.channel}
         if event.properties:
-            properties = orjson.dumps(self.sensitive.redact(event.properties))
+            properties = orjson.dumps(event.properties if plain else self.sensitive.redact(event.properties))
             if len(properties) <= self.history_properties_bytes:
                 return b"%d|%s,\"properties\":%s}" % (event.timestamp_ms, orjson.dumps(entry)[:-1], properties)
             entry["propertiesOmitted"] = True

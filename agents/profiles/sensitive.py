@@ -98,7 +98,7 @@ class SensitivePolicy:
     a bounded cache of name verdicts.
     """
 
-    __slots__ = ("_names", "_hasher", "_aead", "_clean", "_hot")
+    __slots__ = ("_names", "_hasher", "_aead", "_clean", "_hot", "_tokens")
 
     def __init__(self, names: frozenset[str], *, hash_key: bytes, encryption_key: bytes | None = None):
         self._names = names
@@ -109,6 +109,9 @@ class SensitivePolicy:
         # Raw names already judged: not sensitive / sensitive. Bounded; only speed depends on them.
         self._clean: set[str] = set()
         self._hot: set[str] = set()
+        # The first word of each name, lower case: however a producer spells the key
+        # (national_id, nationalId, NATIONAL-ID), its JSON holds that word.
+        self._tokens = tuple(sorted({name.split("_")[0].encode() for name in names}))
 
     @classmethod
     def from_config(
@@ -177,6 +180,18 @@ class SensitivePolicy:
         if len(cache) < _MAX_CACHED_NAMES:
             cache.add(name)
         return verdict
+
+    def might_contain(self, raw: bytes) -> bool:
+        """False only when the event's JSON ``raw`` cannot hold a sensitive name:
+        none of the names' first words occurs in it (case-insensitively) and it has
+        no ``\\u`` escape (which could spell a key differently). A cheap screen
+        before :meth:`protect_traits` / :meth:`redact` walk the event."""
+        if not self._tokens:
+            return False
+        lowered = raw.lower()
+        if b"\\u" in lowered:
+            return True
+        return any(token in lowered for token in self._tokens)
 
     # ------------------------------------------------------------- protection
 

@@ -106,19 +106,21 @@ def apply_event_call(
     dedupe_ttl_s: int,
     now_ms: int,
     match_record: bytes = b"",
+    plain: bool = False,
 ) -> tuple[list[str], list[object]]:
     """KEYS and ARGV of ``APPLY_EVENT`` for one event (pure).
 
     ``identifiers``: those the event adds to the profile (the ones it claimed or
     already held there; never the ones merge protection kept apart).
-    ``match_record``: the event's fuzzy-match record (JSON), if it has one."""
+    ``match_record``: the event's fuzzy-match record (JSON), if it has one.
+    ``plain``: the event holds no sensitive name (skips the protection walk)."""
     keys = ProfileKeys(profile_id)
     args: list[object] = [
         origin_digest(origin), dedupe_ttl_s * 1000, event.timestamp_ms, now_ms, profile_id,
         message_field(event.message_id), identifier_origin(event), match_record,
-        model.history_entry(event), model.history_length,
+        model.history_entry(event, plain=plain), model.history_length,
     ]
-    traits = model.traits_of(event)
+    traits = model.traits_of(event, plain=plain)
     args.append(len(traits))
     for name, value in traits:
         args.append(name)

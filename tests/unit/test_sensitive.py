@@ -326,3 +326,28 @@ def test_key_with_surrounding_whitespace_is_accepted_and_repr_hides_keys() -> No
 def test_docstring_examples_run() -> None:
     result = doctest.testmod(agents.profiles.sensitive)
     assert result.attempted and not result.failed
+
+
+# ---------------------------------------------------------------- the screen
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"type":"track","event":"Product Viewed","properties":{"sku":"s1"}}', False),
+        (b'{"traits":{"nationalId":"x"}}', True),
+        (b'{"traits":{"PASSPORT-NUMBER":"x"}}', True),
+        (b'{"context":{"externalIds":[{"type":"iban","id":"x"}]}}', True),
+        (b'{"traits":{"\\u006eational_id":"x"}}', True),  # an escaped key: walk it
+        (b'{"properties":{"tax":1.5}}', True),  # a false alarm costs only the walk
+    ],
+)
+def test_might_contain_screens_events_without_sensitive_names(raw, expected) -> None:
+    assert policy().might_contain(raw) is expected
+
+
+def test_every_sensitive_name_passes_the_screen_in_any_spelling() -> None:
+    p = policy({"traits": ["national_id", "bankAccount", "SSN", "tax-id"]})
+    for spelling in ("national_id", "NationalID", "national-id", "BANK_ACCOUNT", "bankaccount", "ssn", "TaxId"):
+        assert p.might_contain(b'{"traits":{"%s":"x"}}' % spelling.encode()), spelling
+    assert not policy({"traits": []}).might_contain(b'{"traits":{"passport":"x"}}')
