@@ -161,7 +161,8 @@ def report(figures: dict) -> str:
     ids = 3 * figures["identifier_key"]
     lines = [
         f"Redis memory per profile ({figures['profiles']:,} profiles: 3 identifiers, 10 traits, 5 computed traits, 20 events)",
-        f"  used_memory growth / profiles      {figures['used_memory_per_profile']:8,.0f} B  (everything: keys, index, allocator)",
+        f"  used_memory growth / profiles      {figures['used_memory_per_profile']:8,.0f} B  (everything: keys, index, blocking"
+        " keys, allocator; server-wide, so only right when nothing else writes to this Redis meanwhile)",
         "  MEMORY USAGE by key (mean of a sample):",
     ]
     for name in ("meta", "traits", "ids", "computed", "match", "history", "seen"):
