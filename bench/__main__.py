@@ -25,7 +25,7 @@ from bench.pipeline import Options, Report, Row, run_all
 # Benchmarks with a command line of their own, run after the pipeline's table.
 OTHER_BENCHMARKS = ("bench.collector", "bench.identity_accuracy")
 OTHER_TIMEOUT_S = 300
-COLUMNS = ("shape", "events/s", "vs raw passthrough", "Redis round trips/event", "p50/p95/p99 ms at {rate}/s")
+COLUMNS = ("shape", "events/s", "vs raw passthrough (a)", "vs bare faust (b)", "Redis round trips/event", "p50/p95/p99 ms at {rate}/s")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,10 +91,10 @@ def render(report: Report, options: Options, seconds: float) -> str:
     lines.append("")
     header = [c.format(rate=f"{options.rate:,.0f}") for c in COLUMNS]
     lines.append("| " + " | ".join(header) + " |")
-    lines.append("|---|---:|---:|---:|---:|")
-    baseline = report.rows.get("a")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    baseline, faust = report.rows.get("a"), report.rows.get("b")
     for row in report.rows.values():
-        lines.append("| " + " | ".join(_cells(row, baseline)) + " |")
+        lines.append("| " + " | ".join(_cells(row, baseline, faust)) + " |")
     lines.append("")
     lines += [f"- {note}" for note in report.notes]
     lines += [f"- {row.shape}: FAILED: {row.error}" for row in report.rows.values() if row.error]
@@ -102,11 +102,14 @@ def render(report: Report, options: Options, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def _cells(row: Row, baseline: Row | None) -> list[str]:
-    rate = f"{row.events_per_s:,.0f}" if row.events_per_s else ("failed" if row.error else "—")
-    ratio = "—"
+def _ratio(row: Row, baseline: Row | None) -> str:
     if row.events_per_s and baseline is not None and baseline.events_per_s:
-        ratio = f"{row.events_per_s / baseline.events_per_s:.2f}×"
+        return f"{row.events_per_s / baseline.events_per_s:.2f}×"
+    return "—"
+
+
+def _cells(row: Row, baseline: Row | None, faust: Row | None) -> list[str]:
+    rate = f"{row.events_per_s:,.0f}" if row.events_per_s else ("failed" if row.error else "—")
     if row.redis_per_event is None:
         redis = "—"
     elif row.redis_per_event == 0:
@@ -116,7 +119,7 @@ def _cells(row: Row, baseline: Row | None) -> list[str]:
         if row.redis_per_batch:
             redis += f" ({row.redis_per_batch:.1f}/batch)"
     latency = " / ".join(f"{v:.1f}" for v in row.latency_ms) if row.latency_ms else "—"
-    return [row.shape, rate, ratio, redis, latency]
+    return [row.shape, rate, _ratio(row, baseline), _ratio(row, faust), redis, latency]
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Baseline (b): a bare faust agent that only consumes, in its own process.
+"""Baselines (b): a bare faust agent that only consumes, in its own process.
 
 The app is streamcdp's own (``streams.app.create_app``: same consumer, producer and
 web settings as the worker, uvloop as ``streamcdp worker`` uses); only the agent's
-body differs: it counts events. Once it has seen ``--count`` events it writes
-``{"events", "seconds", "batches"}`` to ``--result`` (seconds from the first batch
-in hand to the last) and idles until stopped.
+body differs: it counts events. ``CDP_KAFKA_TRANSPORT`` picks the transport as for
+the worker: ``faust`` (faust's own, one message per record, ``take_events(--batch,
+within=--within-ms)``) or ``batch`` (one message per partition fetch, counted by
+its records). Once it has seen ``--count`` events it writes ``{"events",
+"seconds", "batches"}`` to ``--result`` (seconds from the first batch in hand to
+the last) and idles until stopped.
 
     python -m bench.faust_consume --topics T1,T2 --count N --result FILE
 Configuration (app id, web port, bootstrap) from CDP_* variables.
@@ -24,7 +27,8 @@ def main() -> None:
     import faust
     import uvloop
 
-    from streams.app import create_app
+    from streams.app import create_app, uses_batch_transport
+    from streams.batch_transport import batch_topic
     from streams.settings import Settings
 
     parser = argparse.ArgumentParser(prog="python -m bench.faust_consume")
@@ -36,25 +40,39 @@ def main() -> None:
     args = parser.parse_args()
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    app = create_app(Settings.from_env())
-    source = app.topic(*args.topics.split(","), key_serializer="raw", value_serializer="raw")
+    settings = Settings.from_env()
+    app = create_app(settings)
+    topics = args.topics.split(",")
+    seen = batches = 0
+    first = 0.0
+    reported = False
 
-    @app.agent(source, concurrency=1, name="bench.consume_only")
-    async def consume_only(stream):
-        seen = batches = 0
-        first = 0.0
-        reported = False
-        async for events in stream.take_events(args.batch, within=args.within_ms / 1000):
-            if not seen:
-                first = time.perf_counter()
-            seen += len(events)
-            batches += 1
-            if seen >= args.count and not reported:
-                result = {"events": seen, "seconds": time.perf_counter() - first, "batches": batches}
-                with open(args.result + ".tmp", "wb") as out:
-                    out.write(orjson.dumps(result))
-                os.replace(args.result + ".tmp", args.result)
-                reported = True
+    def count(events: int) -> None:
+        nonlocal seen, batches, first, reported
+        if not seen:
+            first = time.perf_counter()
+        seen += events
+        batches += 1
+        if seen >= args.count and not reported:
+            result = {"events": seen, "seconds": time.perf_counter() - first, "batches": batches}
+            with open(args.result + ".tmp", "wb") as out:
+                out.write(orjson.dumps(result))
+            os.replace(args.result + ".tmp", args.result)
+            reported = True
+
+    if uses_batch_transport(settings):
+
+        @app.agent(batch_topic(app, *topics), concurrency=1, name="bench.consume_only")
+        async def consume_fetches(stream):
+            async for fetch in stream:
+                count(len(fetch))
+
+    else:
+
+        @app.agent(app.topic(*topics, key_serializer="raw", value_serializer="raw"), concurrency=1, name="bench.consume_only")
+        async def consume_records(stream):
+            async for events in stream.take_events(args.batch, within=args.within_ms / 1000):
+                count(len(events))
 
     worker = faust.Worker(app, loglevel="warn", quiet=True, redirect_stdouts=False, loop=asyncio.new_event_loop())
     worker.execute_from_commandline()

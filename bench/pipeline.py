@@ -5,16 +5,20 @@ All shapes read the same generated input (``--events`` events, about 600 bytes e
 
 a. raw aiokafka passthrough: ``getmany`` + ``send`` per record + ``gather``, commit
    per batch (the ceiling of any consume-produce loop in Python here);
-b. a bare faust agent that only consumes, ``take_events(500, within=0.01)``, in its
-   own process (faust's per-record ceiling);
+b. a bare faust agent that only consumes, on faust's own transport (``kafka://``),
+   ``take_events(500, within=0.01)``, in its own process (faust's per-record ceiling);
+b'. the same bare agent on streamcdp's batch transport (``kafka+batch://``): one
+   message per partition fetch (the transport's own ceiling);
 c. ``Pipeline.handle`` driven by a plain aiokafka ``getmany`` loop, commit per batch;
-d. the real worker, ``python -m streamcdp.cli worker``, in its own process.
+d. the real worker, ``python -m streamcdp.cli worker``, in its own process, on
+   faust's own transport (``CDP_KAFKA_TRANSPORT=faust``);
+e. the same worker on the batch transport (``CDP_KAFKA_TRANSPORT=batch``, the default).
 
-Throughput clocks start when the first batch is in hand; for (d), events done
-(processed + dead-lettered) per second between the first and the last poll of the
-worker's /metrics. Latency (a, d): fresh events offered at ``--rate`` events/s for
-``--latency-seconds``, from just before each is handed to the producer until its
-output is read by a consumer here.
+Throughput clocks start when the first batch is in hand; for (d) and (e), events
+done (processed + dead-lettered) per second between the first and the last poll of
+the worker's /metrics. Latency (a, d, e): fresh events offered at ``--rate``
+events/s for ``--latency-seconds``, from just before each is handed to the producer
+until its output is read by a consumer here.
 """
 
 from __future__ import annotations
@@ -177,10 +181,21 @@ async def run_all(options: Options) -> Report:
             f"pre-produced by one aiokafka producer at {produce_rate:,.0f} events/s."
         )
         await _measure(run, "a", "(a) raw aiokafka passthrough: getmany(500) + send each + gather, commit per batch", raw_passthrough)
-        await _measure(run, "b", "(b) bare faust agent, consume only: take_events(500, within=0.01), own process", faust_consume_only)
+        await _measure(
+            run, "b", "(b) bare faust agent, consume only, faust's own transport (kafka://): take_events(500, within=0.01)",
+            faust_consume_only("faust"),
+        )
+        await _measure(
+            run, "b'", "(b') bare faust agent, consume only, batch transport (kafka+batch://): one message per fetch",
+            faust_consume_only("batch"),
+        )
         await _measure(run, "c", "(c) streamcdp Pipeline.handle in a plain aiokafka getmany(500) loop, commit per batch", pipeline_loop)
-        await _measure(run, "d", "(d) streamcdp worker as users run it (faust, own process)", real_worker)
+        await _measure(
+            run, "d", "(d) streamcdp worker, faust's own transport (kafka://, take_events), own process", real_worker("faust")
+        )
+        await _measure(run, "e", "(e) streamcdp worker, batch transport (kafka+batch://, the default), own process", real_worker("batch"))
         await _measure(run, "a", None, raw_passthrough_latency)
+        _targets(run.report)
         report.notes.append(f"Machine {load_average()} at the end.")
     finally:
         Child.stop_all()
@@ -345,15 +360,25 @@ def _batch_note(samples: dict) -> str:
 # ---------------------------------------------------------------- faust, in child processes
 
 
-async def faust_consume_only(run: Run, row: Row) -> None:
-    app_id = run.group("faust-consume")
+def faust_consume_only(transport: str) -> Callable[[Run, Row], Awaitable[None]]:
+    """(b) with ``transport`` ``faust``, (b') with ``batch``."""
+
+    async def step(run: Run, row: Row) -> None:
+        await _faust_consume_only(run, row, transport)
+
+    step.__name__ = f"faust_consume_only[{transport}]"
+    return step
+
+
+async def _faust_consume_only(run: Run, row: Row, transport: str) -> None:
+    app_id = run.group(f"faust-consume-{transport}")
     run.faust_apps.append(app_id)
-    result = run.workdir / "faust-consume.json"
+    result = run.workdir / f"faust-consume-{transport}.json"
     child = Child(
         [sys.executable, "-m", "bench.faust_consume", "--topics", ",".join(run.input_topics),
          "--count", str(len(run.inputs)), "--result", str(result)],
-        _faust_env(run, app_id),
-        run.workdir / "faust-consume.log",
+        _faust_env(run, app_id, CDP_KAFKA_TRANSPORT=transport),
+        run.workdir / f"faust-consume-{transport}.log",
         run.workdir,
     )
     try:
@@ -383,8 +408,19 @@ def _faust_env(run: Run, app_id: str, **extra: str) -> dict[str, str]:
     )
 
 
-async def real_worker(run: Run, row: Row) -> None:
-    """(d) throughput, then latency at the offered rate, with one worker process.
+def real_worker(transport: str) -> Callable[[Run, Row], Awaitable[None]]:
+    """(d) with ``transport`` ``faust``, (e) with ``batch``."""
+    label = {"faust": "d", "batch": "e"}[transport]
+
+    async def step(run: Run, row: Row) -> None:
+        await _real_worker(run, row, transport, label)
+
+    step.__name__ = f"real_worker[{transport}]"
+    return step
+
+
+async def _real_worker(run: Run, row: Row, transport: str, label: str) -> None:
+    """(d)/(e) throughput, then latency at the offered rate, with one worker process.
 
     The worker reads the product's input topics, where another worker (a test
     session's, say) may read the same records and publish resolved records for them
@@ -394,14 +430,14 @@ async def real_worker(run: Run, row: Row) -> None:
     ``cdp_event_latency_seconds`` histogram.
     """
     await run.redis.flushdb()
-    app_id = run.group("worker")
+    app_id = run.group(f"worker-{transport}")
     run.faust_apps.append(app_id)
     others = await _wait_for_quiet(run.settings, QUIET_WAIT_S)
     await commit_group_at_end(run.settings, app_id, INBOUND)
     await send_events(run.producer, run.inputs)
-    env = _faust_env(run, app_id)
+    env = _faust_env(run, app_id, CDP_KAFKA_TRANSPORT=transport)
     metrics_url = f"http://127.0.0.1:{env['CDP_WEB_PORT']}/metrics"
-    worker = Child([sys.executable, "-m", "streamcdp.cli", "worker"], env, run.workdir / "worker.log", run.workdir)
+    worker = Child([sys.executable, "-m", "streamcdp.cli", "worker"], env, run.workdir / f"worker-{transport}.log", run.workdir)
     try:
         first: tuple[float, float] | None = None
         deadline = time.monotonic() + run.throughput_timeout_s
@@ -421,33 +457,59 @@ async def real_worker(run: Run, row: Row) -> None:
         row.events_per_s = (done - first[1]) / (now - first[0])
         _redis_figures(row, samples)
         run.report.notes.append(
-            f"(d) check, the worker's /metrics: {sample_sum(samples, 'cdp_events_processed_total'):,.0f} processed + "
+            f"({label}) check, the worker's /metrics: {sample_sum(samples, 'cdp_events_processed_total'):,.0f} processed + "
             f"{sample_sum(samples, 'cdp_dead_letters_total'):,.0f} dead-lettered of {len(run.inputs):,} input "
             f"({sample_sum(samples, 'cdp_events_duplicate_total'):,.0f} duplicates); {_batch_note(samples)}; "
             "events/s from polling it every 0.2 s."
         )
         before = samples
         row.latency_ms = await offered_load(
-            run, latency_events(run.options), RESOLVED, inbound_topic, message_id_of, label="d", alive=worker.alive
+            run, latency_events(run.options), RESOLVED, inbound_topic, message_id_of, label=label, alive=worker.alive
         )
         after = await _scrape(metrics_url)
         inside = _histogram_percentiles(before, after, "cdp_event_latency_seconds")
         if inside:
             during = {key: value - before.get(key, 0.0) for key, value in after.items()}
+            commits = _histogram_percentiles({}, after, "cdp_kafka_commit_seconds")
+            commit_note = (
+                f"; offset commits over the whole run: {sample_sum(after, 'cdp_kafka_commit_seconds_count'):,.0f}, "
+                "p50/p99 " + " / ".join(f"{v:.1f}" for v in commits[::2]) + " ms"
+            ) if commits else ""
             run.report.notes.append(
-                "(d) latency inside the worker (record timestamp to outputs acked, its histogram's buckets "
+                f"({label}) latency inside the worker (record timestamp to outputs acked, its histogram's buckets "
                 "interpolated): p50/p95/p99 " + " / ".join(f"{v:.1f}" for v in inside) + " ms; "
-                f"during the latency run: {_batch_note(during)}."
+                f"during the latency run: {_batch_note(during)}{commit_note}."
             )
         others += [g for g in await active_groups(run.settings, "streamcdp-bench-") if g not in others]
     finally:
         await asyncio.to_thread(worker.stop)
     if others:
         run.report.notes.append(
-            f"(d) other consumer groups were active: {', '.join(others)}. Whatever reads cdp.events.* processed "
+            f"({label}) other consumer groups were active: {', '.join(others)}. Whatever reads cdp.events.* processed "
             "the bench's input too, shared the CPU, and may have published the first resolved record of some "
             "latency events."
         )
+
+
+def _targets(report: Report) -> None:
+    """Issue 13's targets: the worker on the batch transport (e) at least 25% of the
+    raw passthrough (a) and at least 2x the bare faust agent (b); p99 < 100 ms at
+    the offered rate."""
+    rows = report.rows
+    e, a, b = (rows.get(k) for k in ("e", "a", "b"))
+    if not (e and e.events_per_s and a and a.events_per_s and b and b.events_per_s):
+        return
+    vs_a, vs_b = e.events_per_s / a.events_per_s, e.events_per_s / b.events_per_s
+    verdict = [
+        f"(e)/(a) = {vs_a:.2f} (target >= 0.25: {'met' if vs_a >= 0.25 else 'NOT met'})",
+        f"(e)/(b) = {vs_b:.2f} (target >= 2: {'met' if vs_b >= 2 else 'NOT met'})",
+    ]
+    if e.latency_ms:
+        verdict.append(f"(e) p99 {e.latency_ms[2]:.1f} ms (target < 100: {'met' if e.latency_ms[2] < 100 else 'NOT met'})")
+    d = rows.get("d")
+    if d and d.events_per_s:
+        verdict.append(f"(e)/(d) = {e.events_per_s / d.events_per_s:.2f}")
+    report.notes.append("Targets: " + "; ".join(verdict) + ".")
 
 
 async def _wait_for_quiet(settings: Settings, timeout_s: float) -> list[str]:

@@ -20,13 +20,15 @@ import time
 
 import faust
 import redis.asyncio as aioredis
+from faust.sensors import Sensor
 from faust.web import Request, Response, View
 from prometheus_client import generate_latest
 
 from agents.pipeline import Pipeline
 from agents.profiles.store import lookup_profile
 from schemas.errors import InvalidIdentifier
-from streams.app import create_app
+from streams.app import create_app, uses_batch_transport
+from streams.batch_transport import batch_topic
 from streams.metrics import Metrics
 from streams.output import FaustProducer
 from streams.records import Record
@@ -40,6 +42,11 @@ log = logging.getLogger(__name__)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 _READY_PING_EVERY_S = 1.0
 _LAG_EVERY_S = 5.0
+# Retry pause after a batch failed outside the pipeline's own per-record isolation.
+_RETRY_START_S = 0.5
+_RETRY_MAX_S = 30.0
+# How often a lingering batch looks for more fetches.
+_LINGER_POLL_S = 0.001
 
 
 class WorkerState:
@@ -121,19 +128,105 @@ def record_of(message) -> Record:
     )
 
 
+class CommitTimer(Sensor):
+    """Times faust's offset commits (``cdp_kafka_commit_seconds``), either transport.
+
+    faust calls these hooks around every commit round, also around rounds that find
+    nothing new to commit; those are not observed (faust's ``_committed_offset``,
+    the offsets it last committed, did not change)."""
+
+    def __init__(self, metrics: Metrics, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._histogram = metrics.commit_latency
+
+    def on_commit_initiated(self, consumer) -> tuple[float, dict]:
+        return time.perf_counter(), dict(consumer._committed_offset)  # noqa: SLF001
+
+    def on_commit_completed(self, consumer, state) -> None:
+        started, before = state
+        if consumer._committed_offset != before:  # noqa: SLF001
+            self._histogram.observe(time.perf_counter() - started)
+
+
 def build_worker_app(settings: Settings, metrics: Metrics | None = None) -> tuple[faust.App, WorkerState]:
+    """The worker's faust app: the hot-path agent over the inbound topics, the lag
+    timer and the HTTP routes.
+
+    With the batch transport (``CDP_KAFKA_TRANSPORT=batch``) each partition fetch
+    arrives as one event carrying a list of Records; the fetches already queued when
+    the agent is free are merged into one batch (at most ``CDP_BATCH_MERGE``
+    fetches, stopping once ``CDP_BATCH_MAX`` records are in; ``CDP_BATCH_LINGER_MS``
+    lets it wait that long for more). With faust's own
+    transport records arrive one by one and ``take_events(CDP_BATCH_MAX,
+    within=CDP_BATCH_WITHIN_MS)`` batches them. Either way the same
+    ``Pipeline.handle_safely`` gets the batch, and events are acked only after it
+    returned: every effect stored and every output acknowledged.
+    """
     app = create_app(settings)
     state = WorkerState(app, settings, metrics or Metrics())
-    inbound = app.topic(*INBOUND, key_serializer="raw", value_serializer="raw")
+    app.sensors.add(CommitTimer(state.metrics))
     within_s = settings.batch_within_ms / 1000
 
-    @app.agent(inbound, concurrency=1, name="streamcdp.hot_path")
-    async def hot_path(stream):
-        pipeline = state.pipeline
-        async for events in stream.take_events(settings.batch_max, within=within_s):
-            records = [record_of(e.message) for e in events]
-            await pipeline.handle_safely(records)
-            state.note_handled(records)
+    async def handle(records: list[Record]) -> None:
+        """``handle_safely`` until it returns. It dead-letters what fails inside; if
+        something escapes it anyway, the batch is retried (effects are idempotent),
+        never acked as if it had been handled."""
+        pause = _RETRY_START_S
+        while True:
+            try:
+                await state.pipeline.handle_safely(records)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - retried; the events stay unacked
+                first = records[0].origin if records else "-"
+                log.exception("batch of %d records from %s failed; retrying in %.1fs", len(records), first, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_MAX_S)
+        state.note_handled(records)
+
+    if uses_batch_transport(settings):
+        inbound = batch_topic(app, *INBOUND)
+        linger_s = settings.batch_linger_ms / 1000
+
+        @app.agent(inbound, concurrency=1, name="streamcdp.hot_path")
+        async def hot_path(stream):
+            state.pipeline  # created now: /readyz reports ready from here on
+            log.info("hot path on the batch transport (%s): one message per partition fetch", app.conf.broker[0])
+            manual = stream.noack()  # acked below, only once handled
+            channel = manual.channel
+            fetches = manual.events().__aiter__()
+            while True:
+                try:
+                    events = [await fetches.__anext__()]
+                except StopAsyncIteration:
+                    return
+                size = len(events[0].value)
+                # Merge the fetches already waiting; wait for more only up to
+                # CDP_BATCH_LINGER_MS after the first (0: never). Batches grow with the
+                # load and stay small when it is light.
+                deadline = time.monotonic() + linger_s
+                while len(events) < settings.batch_merge and size < settings.batch_max:
+                    if channel.empty():
+                        if time.monotonic() >= deadline:
+                            break
+                        await asyncio.sleep(_LINGER_POLL_S)
+                        continue
+                    events.append(await fetches.__anext__())
+                    size += len(events[-1].value)
+                await handle([record for event in events for record in event.value])
+                for event in events:
+                    await manual.ack(event)
+
+    else:
+        inbound = app.topic(*INBOUND, key_serializer="raw", value_serializer="raw")
+
+        @app.agent(inbound, concurrency=1, name="streamcdp.hot_path")
+        async def hot_path(stream):
+            state.pipeline  # created now: /readyz reports ready from here on
+            log.info("hot path on faust's own transport (%s): take_events", app.conf.broker[0])
+            async for events in stream.take_events(settings.batch_max, within=within_s):
+                await handle([record_of(e.message) for e in events])
 
     @app.timer(_LAG_EVERY_S)
     async def export_lag():

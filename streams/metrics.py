@@ -69,7 +69,11 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "cdp_batch_size_events", "Events per handled batch.", buckets=BATCH_BUCKETS, registry=r
+            "cdp_batch_size_events",
+            "Events per handled batch (with the batch transport: the records of one or "
+            "more partition fetches).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.stage_latency = Histogram(
             "cdp_stage_duration_seconds",
@@ -105,6 +109,34 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.commit_latency = Histogram(
+            "cdp_kafka_commit_seconds",
+            "Duration of one offset commit of the input topics (acked offsets gathered, "
+            "producer flushed, OffsetCommit answered); rounds with nothing new to commit "
+            "are not observed.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.segment_transitions = Counter(
+            "cdp_segment_transitions_total",
+            "Segment membership changes published on cdp.segment-changes, by kind (entered/exited).",
+            ["kind"],
+            registry=r,
+        )
+        self.segment_expiry_checks = Counter(
+            "cdp_segment_expiry_checks_total",
+            "Profiles re-evaluated by the segment timer (a windowed counter changed with time, or a merge).",
+            registry=r,
+        )
+        self.segment_backfill_profiles = Counter(
+            "cdp_segment_backfill_profiles_total",
+            "Profiles evaluated by the back-fill of a new or changed segment, per segment.",
+            ["segment"],
+            registry=r,
+        )
+        self.segments_defined = Gauge(
+            "cdp_segments_defined", "Segments this worker knows from cdp.segment-definitions.", registry=r
+        )
         self.up = Gauge("cdp_worker_ready", "1 while the worker is ready to process events.", registry=r)
         self._precreate()
 
@@ -112,21 +144,23 @@ class Metrics:
         """Create the known label sets at zero, so a series exists before its first
         increment and rate() sees that first burst."""
         from schemas.events import RejectReason
-        from streams.topics import DEAD_LETTER, IDENTITY_MERGES, INBOUND, RESOLVED
+        from streams.topics import DEAD_LETTER, IDENTITY_MERGES, INBOUND, RESOLVED, SEGMENT_CHANGES
 
         for topic in INBOUND:
             self.events_consumed.labels(topic)
-        for topic in (RESOLVED, DEAD_LETTER, IDENTITY_MERGES):
+        for topic in (RESOLVED, DEAD_LETTER, IDENTITY_MERGES, SEGMENT_CHANGES):
             self.events_produced.labels(topic)
             self.kafka_errors.labels(topic)
         for reason in (*(r.value for r in RejectReason), "processing_error", "store_error"):
             self.dead_letters.labels(reason)
         for kind in ("redelivery", "resend"):
             self.duplicates.labels(kind)
-        for kind in ("claim", "parent", "moved"):
+        for kind in ("claim", "parent", "moved", "segment_rev"):
             self.identity_conflicts.labels(kind)
-        for stage in ("ingest", "identity", "profile", "output"):
+        for kind in ("entered", "exited"):
+            self.segment_transitions.labels(kind)
+        for stage in ("ingest", "identity", "profile", "segments", "output"):
             self.stage_latency.labels(stage)
-        for op in ("identity", "profile"):
+        for op in ("identity", "profile", "segments"):
             self.redis_latency.labels(op)
             self.redis_errors.labels(op)

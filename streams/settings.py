@@ -17,11 +17,17 @@ the variable.
 | CDP_APP_ID | streamcdp | faust app id = Kafka consumer group |
 | CDP_PHONE_DEFAULT_REGION | US | region for phone numbers written without a country code |
 | CDP_DEDUPE_TTL | 7d | how long a messageId is remembered for de-duplication |
-| CDP_BATCH_MAX | 500 | most events handled as one batch |
-| CDP_BATCH_WITHIN_MS | 10 | longest wait to fill a batch |
+| CDP_BATCH_MAX | 500 | most events handled as one batch (batch transport: merging stops there; one fetch, up to CDP_KAFKA_MAX_POLL_RECORDS, is never split) |
+| CDP_BATCH_WITHIN_MS | 10 | faust transport: longest wait to fill a batch (the batch transport never waits) |
 | CDP_EMIT_RESOLVED | true | publish each accepted event with its profile id on cdp.events.resolved |
 | CDP_ID_HASH_KEY | (empty) | secret key for the keyed hashes that name identifier keys in Redis |
 | CDP_KAFKA_SESSION_TIMEOUT | 30s | how long the group waits for a silent (crashed) worker before moving its partitions |
+| CDP_KAFKA_TRANSPORT | batch | ``batch``: each partition fetch reaches the hot path as one message (``kafka+batch://``, streams/batch_transport.py); ``faust``: faust's own per-record transport (``kafka://``) with ``take_events`` |
+| CDP_KAFKA_FETCH_MAX_WAIT | 10ms | batch transport: longest time the broker holds a fetch to gather ``CDP_KAFKA_FETCH_MIN_BYTES`` |
+| CDP_KAFKA_FETCH_MIN_BYTES | 1 | batch transport: bytes the broker waits for before answering a fetch (1 = answer as soon as there is any) |
+| CDP_KAFKA_MAX_POLL_RECORDS | 2000 | most records one fetch hands over (per call, over all partitions) |
+| CDP_BATCH_LINGER_MS | 0 | batch transport: how long a batch may wait for more fetches after its first (0 = only merge what is already queued) |
+| CDP_BATCH_MERGE | 64 | batch transport: most partition fetches merged into one hot-path batch; only fetches already queued are merged (no wait), until CDP_BATCH_MAX records are in; 1 = each fetch alone |
 | CDP_IDENTITY_RULES | config/identity-rules.yaml | identity rules: per identifier type a priority and a limit |
 | CDP_MATCHING_CONFIG | config/matching.yaml | fuzzy matching model: field weights and threshold |
 | CDP_PROFILE_CONFIG | config/profile.yaml | profile options: history length, sensitive traits |
@@ -74,6 +80,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _milliseconds(text: str) -> int:
+    """Whole milliseconds in a duration (``"10ms"``, ``"1s"``; a bare number is ms)."""
+    if text.strip().isdigit():
+        return int(text.strip())
+    return round(parse_duration(text) * 1000)
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 < value < 65536:
@@ -123,6 +136,13 @@ class Settings:
     #: Base64 of a 32-byte AES-256-GCM key; when set, sensitive traits are also kept encrypted.
     sensitive_key: str = ""
     kafka_session_timeout_s: float = 30.0
+    #: ``batch`` (streams/batch_transport.py) or ``faust`` (faust's own kafka:// transport).
+    kafka_transport: str = "batch"
+    kafka_fetch_max_wait_ms: int = 10
+    kafka_fetch_min_bytes: int = 1
+    kafka_max_poll_records: int = 2000
+    batch_merge: int = 64
+    batch_linger_ms: int = 0
     log_format: str = "text"
     log_level: str = "info"
 
@@ -191,6 +211,12 @@ _ENV = {
     "computed_traits": ("CDP_COMPUTED_TRAITS", str.strip),
     "sensitive_key": ("CDP_SENSITIVE_KEY", str.strip),
     "kafka_session_timeout_s": ("CDP_KAFKA_SESSION_TIMEOUT", parse_duration),
+    "kafka_transport": ("CDP_KAFKA_TRANSPORT", _choice("batch", "faust")),
+    "kafka_fetch_max_wait_ms": ("CDP_KAFKA_FETCH_MAX_WAIT", _milliseconds),
+    "kafka_fetch_min_bytes": ("CDP_KAFKA_FETCH_MIN_BYTES", _positive_int),
+    "kafka_max_poll_records": ("CDP_KAFKA_MAX_POLL_RECORDS", _positive_int),
+    "batch_merge": ("CDP_BATCH_MERGE", _positive_int),
+    "batch_linger_ms": ("CDP_BATCH_LINGER_MS", _milliseconds),
     "log_format": ("CDP_LOG_FORMAT", _choice("text", "json")),
     "log_level": ("CDP_LOG_LEVEL", _choice(*LOG_LEVELS)),
 }

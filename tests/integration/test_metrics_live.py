@@ -164,6 +164,7 @@ async def test_worker_exports_and_moves_every_metric_the_dashboard_and_alerts_us
         ("cdp_event_latency_seconds_count", {}, 10),
         ("cdp_batch_size_events_count", {}, 1),
         ("cdp_redis_call_duration_seconds_count", {}, 1),
+        ("cdp_kafka_commit_seconds_count", {}, 1),  # offsets committed (every second) after the batches
         *(("cdp_stage_duration_seconds_count", {"stage": stage}, 1) for stage in STAGES),
     ]
 
