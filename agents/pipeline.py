@@ -42,6 +42,8 @@ from agents.ingest.core import PROCESSING_ERROR, Accepted, Rejected, split_batch
 from agents.profiles.model import ProfileModel
 from agents.profiles.sensitive import SensitivePolicy
 from agents.profiles.store import APPLY_EVENT, ApplyStatus, apply_event_call
+from agents.segments.engine import SegmentEngine
+from agents.segments.registry import SegmentRegistry
 from schemas.events import Event, Identifier
 from streams.deadletter import dead_letter
 from streams.keys import ProfileKeys, identifier_key
@@ -84,6 +86,7 @@ class Pipeline:
         rules: IdentityRules | None = None,
         match_config: fuzzy.MatchConfig | None = None,
         model: ProfileModel | None = None,
+        registry: SegmentRegistry | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -100,6 +103,8 @@ class Pipeline:
         self.metrics = metrics
         self._clock = clock
         self._scripts: dict[str, str] = {}  # Lua source → SHA, loaded once per connection life
+        self.segments = SegmentEngine(redis, self.model, registry, metrics, self._script) if registry is not None else None
+        self.resolver.segments = self.segments
         self._dedupe_ttl_s = max(1, int(settings.dedupe_ttl_s))
         self.ready = False
 
@@ -108,6 +113,10 @@ class Pipeline:
         result = BatchResult()
         if not batch:
             return result
+        if self.segments is not None and not self.segments.registry.loaded.is_set():
+            # Evaluate nothing before every known segment definition is read.
+            log.info("waiting for the segment definitions before the first batch")
+            await self.segments.registry.loaded.wait()
         metrics = self.metrics
         metrics.batch_size.observe(len(batch))
         for record in batch:
@@ -197,6 +206,7 @@ class Pipeline:
         first (they are resolved again, which merges the two profiles if allowed)."""
         outputs: list[OutboundMessage] = []
         first: list[ApplyStatus | Exception | None] = [None] * len(accepted)
+        answer: list[list | None] = [None] * len(accepted)
         profile_of: list[str] = [""] * len(accepted)
         region = self.settings.phone_default_region
         match_records = [fuzzy.match_record(a.event.traits, region) if a.event.traits else None for a in accepted]
@@ -227,7 +237,8 @@ class Pipeline:
                     continue
                 if first[i] is None:
                     first[i] = status
-                profile_of[i] = plans[k].profile_id
+                    answer[i] = reply
+                    profile_of[i] = plans[k].profile_id
                 if lost[k]:
                     self.metrics.identity_conflicts.labels("claim").inc()
                     again.append(i)
@@ -252,7 +263,25 @@ class Pipeline:
             result.processed += 1
             if self.settings.emit_resolved:
                 outputs.append(resolved_message(item, profile_id, self.model.sensitive))
+        if self.segments is not None:
+            started = time.perf_counter()
+            kept = [a if isinstance(f, ApplyStatus) and f is not ApplyStatus.RESENT else None for a, f in zip(answer, first)]
+            outputs.extend(await self._segment_step(accepted, profile_of, kept, now_ms))
+            self.metrics.stage_latency.labels("segments").observe(time.perf_counter() - started)
         return outputs
+
+    async def _segment_step(self, accepted, profile_of, replies, now_ms: int) -> list[OutboundMessage]:
+        """Evaluate and commit segments. If Redis fails midway, what was committed is
+        found again in the events' de-duplication records (as for a redelivery), so
+        no transition is lost or published differently."""
+        try:
+            return await self.segments.after_apply(accepted, profile_of, replies, now_ms)
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError, NoScriptError, OSError) as exc:
+            if isinstance(exc, NoScriptError):
+                self._scripts.clear()
+            self.metrics.redis_errors.labels("segments").inc()
+            log.warning("segment step failed (%s: %s); recovering from the records", type(exc).__name__, exc)
+        return await self._redis("segments", self.segments.recover, accepted, profile_of, replies, now_ms)
 
     async def _apply(
         self, items: list[Accepted], plans: list[Plan], match_records: list[fuzzy.MatchRecord | None], now_ms: int
@@ -273,10 +302,12 @@ class Pipeline:
                 for identifier in plan.claims:
                     claim_at.append((k, len(pipe.command_stack), identifier))
                     pipe.set(identifier_key(identifier, hash_key), plan.profile_id, nx=True, get=True)
+                extra_ops, want_state = self.segments.ops(item.event) if self.segments is not None else ((), False)
                 keys, args = apply_event_call(
                     item.event, plan.profile_id, item.record.origin, plan.keeps,
                     model=self.model, dedupe_ttl_s=self._dedupe_ttl_s, now_ms=now_ms,
                     plain=not self.model.sensitive.might_contain(item.record.value),
+                    extra_ops=extra_ops, want_state=want_state,
                     match_record=record.to_json() if record is not None else b"",
                 )
                 positions.append(len(pipe.command_stack))

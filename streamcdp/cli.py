@@ -129,7 +129,71 @@ def _parser() -> argparse.ArgumentParser:
     )
     get.add_argument("id_or_identifier", metavar="ID_OR_IDENTIFIER")
     get.set_defaults(run=_run_profile_get)
+
+    segments = commands.add_parser("segments", help="segment definitions (docs/segments.md)")
+    segment_commands = segments.add_subparsers(title="segments commands", metavar="ACTION")
+    apply = segment_commands.add_parser(
+        "apply",
+        help="validate a segment file and publish it to every worker",
+        description="Validate a YAML or JSON segment definition and publish it to the compacted topic "
+        "cdp.segment-definitions. Workers pick it up without a restart and back-fill it over existing "
+        "profiles. A bad rule is refused with the path and the problem (exit 2).",
+    )
+    apply.add_argument("file", metavar="FILE", help="a .yaml/.yml or .json segment definition")
+    apply.set_defaults(run=_run_segments_apply)
+    segment_list = segment_commands.add_parser("list", help="print the current segments (id, version, name)")
+    segment_list.add_argument("--json", action="store_true", help="print the definitions as JSON")
+    segment_list.set_defaults(run=_run_segments_list)
+    delete = segment_commands.add_parser(
+        "delete", help="delete a segment", description="Publish a tombstone for ID; workers stop evaluating it."
+    )
+    delete.add_argument("segment_id", metavar="ID")
+    delete.set_defaults(run=_run_segments_delete)
     return parser
+
+
+def _run_segments_apply(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from agents.segments.rules import parse_segment
+    from streams.config_files import load_document
+    from streams.segment_definitions import publish
+
+    path = Path(args.file)
+    if not path.exists():
+        print(f"streamcdp: no such file: {path}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    from agents.profiles.computed import ComputedTraits
+
+    document = load_document(path, path, "segment")
+    segment = parse_segment(document, source=str(path), computed=ComputedTraits.load(settings.computed_traits or None))
+    asyncio.run(publish(settings, segment.id, segment.document))
+    print(f"applied segment {segment.id} version {segment.version}")
+    return 0
+
+
+def _run_segments_list(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.segment_definitions import read_all
+
+    current = asyncio.run(read_all(settings))
+    if args.json:
+        print(orjson.dumps(current, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+        return 0
+    for segment_id, document in sorted(current.items()):
+        name = document.get("name") or ""
+        print(f"{segment_id}\tversion {document.get('version')}\t{name}".rstrip())
+    return 0
+
+
+def _run_segments_delete(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.segment_definitions import publish, read_all
+
+    if args.segment_id not in asyncio.run(read_all(settings)):
+        print(f"streamcdp: no segment {args.segment_id!r}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    asyncio.run(publish(settings, args.segment_id, None))
+    print(f"deleted segment {args.segment_id}")
+    return 0
 
 
 def _run_worker(args: argparse.Namespace, settings: Settings) -> int:

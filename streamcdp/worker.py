@@ -32,7 +32,8 @@ from streams.batch_transport import batch_topic
 from streams.metrics import Metrics
 from streams.output import FaustProducer
 from streams.records import Record
-from streams.redis_client import connect
+from streams.redis_client import connect_hot_path
+from streamcdp.segment_runtime import BACKFILL_CHECK_EVERY_S, EXPIRE_EVERY_S, SegmentRuntime
 from streams.settings import Settings
 from streams.topics import INBOUND
 
@@ -58,6 +59,7 @@ class WorkerState:
         self.metrics = metrics
         self._redis: aioredis.Redis | None = None
         self._pipeline: Pipeline | None = None
+        self.segments = SegmentRuntime(settings)
         self.next_offsets: dict[tuple[str, int], int] = {}
         self._redis_ok_at = 0.0
         self._lag_labels: set[tuple[str, str]] = set()
@@ -66,13 +68,16 @@ class WorkerState:
     def redis(self) -> aioredis.Redis:
         # Created on first use, inside the worker's event loop.
         if self._redis is None:
-            self._redis = connect(self.settings.redis_url, health_check_interval=10)
+            self._redis = connect_hot_path(self.settings.redis_url)
         return self._redis
 
     @property
     def pipeline(self) -> Pipeline:
         if self._pipeline is None:
-            self._pipeline = Pipeline(self.settings, self.redis, FaustProducer(self.app), self.metrics)
+            self._pipeline = Pipeline(
+                self.settings, self.redis, FaustProducer(self.app), self.metrics, registry=self.segments.registry
+            )
+            self.segments.attach(self._pipeline)
         return self._pipeline
 
     def note_handled(self, records: list[Record]) -> None:
@@ -227,6 +232,19 @@ def build_worker_app(settings: Settings, metrics: Metrics | None = None) -> tupl
             log.info("hot path on faust's own transport (%s): take_events", app.conf.broker[0])
             async for events in stream.take_events(settings.batch_max, within=within_s):
                 await handle([record_of(e.message) for e in events])
+
+    @app.task
+    async def follow_segment_definitions():
+        await state.segments.follow()
+
+    @app.timer(EXPIRE_EVERY_S)
+    async def expire_segment_windows():
+        state.pipeline  # the segment stage lives in the pipeline
+        await state.segments.expire()
+
+    @app.timer(BACKFILL_CHECK_EVERY_S, on_leader=False)
+    async def check_segment_backfills():
+        state.segments.check_backfills()
 
     @app.timer(_LAG_EVERY_S)
     async def export_lag():

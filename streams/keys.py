@@ -36,7 +36,9 @@ PROFILE_META_KEY = PREFIX + ":p:{%s}:meta"
 PROFILE_TRAITS_KEY = PREFIX + ":p:{%s}:traits"
 # Identifier "type:value" → where the profile got it: "<event ms>|<channel>|<messageId>".
 PROFILE_IDS_KEY = PREFIX + ":p:{%s}:ids"
-# Applied messages: digest of the messageId → "<digest of topic/partition/offset>|<received ms>".
+# Applied messages: digest of the messageId → "<digest of topic/partition/offset>|<received ms>",
+# then "|e<transitions>" once the segment stage has committed what the event changed
+# (so a redelivery re-publishes exactly those changes).
 # On the profile's slot, so the de-duplication record and the update are one atomic
 # step; records older than CDP_DEDUPE_TTL are swept out now and then.
 PROFILE_SEEN_KEY = PREFIX + ":p:{%s}:seen"

@@ -42,6 +42,7 @@ class IdentityResolver:
         self.producer = producer
         self.metrics = metrics
         self.hash_key = hash_key
+        self.segments = None  # the segment stage (SegmentEngine), when segments are on
 
     async def resolve(
         self, events: list[Event], match_records: list[fuzzy.MatchRecord | None], now_ms: int
@@ -143,6 +144,12 @@ class IdentityResolver:
             states, targets = moved_states, moved_targets
         if states:
             raise RuntimeError("a fold kept being redirected; merge chain still moving")
-        await deliver(self.producer, [merge_message(s, t) for s, t, _ in done], self.metrics)
+        messages = [merge_message(s, t) for s, t, _ in done]
+        if self.segments is not None and done:
+            # The absorbed profiles leave their segments; the survivors are
+            # re-evaluated on every segment by the expiry timer, right away.
+            messages.extend(await self.segments.exit_absorbed([s.profile_id for s, _, _ in done], now_ms))
+            await self.segments.schedule_now(sorted({t for _, t, _ in done}), now_ms)
+        await deliver(self.producer, messages, self.metrics)
         self.metrics.identity_merges.inc(sum(1 for _, _, code in done if code == 1))
         await self.store.cleanup([s.profile_id for s, _, _ in done], now_ms)

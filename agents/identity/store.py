@@ -98,6 +98,7 @@ for _ = 1, n do
   if redis.call('SCARD', KEYS[9]) < 32 then redis.call('SADD', KEYS[9], ARGV[i]) end
   i = i + 1
 end
+redis.call('HINCRBY', KEYS[1], 'rev', 1)
 return {1}
 """
 

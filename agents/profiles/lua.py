@@ -201,7 +201,7 @@ local function sweep_seen(key, cutoff)
   local all = redis.call('HGETALL', key)
   local stale = {}
   for i = 1, #all, 2 do
-    local at = tonumber(string.match(all[i + 1], '|(%d+)$'))
+    local at = tonumber(string.match(all[i + 1], '^[^|]*|(%d+)'))
     if at and at < cutoff then stale[#stale + 1] = all[i] end
     if #stale >= 1000 then redis.call('HDEL', key, unpack(stale)); stale = {} end
   end

@@ -36,16 +36,18 @@ from schemas.identifiers import parse_identifier
 from streams.keys import ProfileKeys, identifier_key, message_field, origin_digest
 
 APPLY_EVENT = FUNCTIONS + """
--- KEYS: meta, traits, ids, seen, computed, history, match
+-- KEYS: meta, traits, ids, seen, computed, history, match, segments
 -- ARGV: origin, dedupe_ttl_ms, event_ms, now_ms, profile_id, message_field,
 --       id_origin, match_record (or ''), history_entry (or ''), history_length,
+--       want_state ('1': answer with the profile's state after the event),
 --       n_traits, (name, json) * n_traits, n_ops, (op, field, group, value, extra) * n_ops,
 --       identifier...
+-- Answers {status, rev[, traits, computed, segments, identifiers]}; a redelivery {2, its seen record}.
 local parent = redis.call('HGET', KEYS[1], 'merged_into')
 if parent then return {5, parent} end
 local seen = redis.call('HGET', KEYS[4], ARGV[6])
 if seen then
-  if string.sub(seen, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then return {2} end
+  if string.sub(seen, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then return {2, seen} end
   return {3}
 end
 local now = tonumber(ARGV[4])
@@ -72,8 +74,8 @@ local last = redis.call('HGET', KEYS[1], 'last_seen')
 if (not last) or ts > tonumber(last) then redis.call('HSET', KEYS[1], 'last_seen', ARGV[3]) end
 if ARGV[8] ~= '' and redis.call('SCARD', KEYS[7]) < 32 then redis.call('SADD', KEYS[7], ARGV[8]) end
 if ARGV[9] ~= '' then history_insert(KEYS[6], ARGV[9], tonumber(ARGV[10])) end
-local n = tonumber(ARGV[11])
-local i = 12
+local n = tonumber(ARGV[12])
+local i = 13
 for _ = 1, n do
   set_latest(KEYS[2], ARGV[i], ARGV[3] .. '|' .. ARGV[i + 1])
   i = i + 2
@@ -84,7 +86,14 @@ for _ = 1, n do
   i = i + 5
 end
 for j = i, #ARGV do redis.call('HSETNX', KEYS[3], ARGV[j], ARGV[7]) end
-return {status}
+-- The profile's revision: every change of its state counts it up (FOLD too), so a
+-- segment evaluation can tell whether the state it saw is still the current one.
+local rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
+if ARGV[11] == '1' then
+  return {status, rev, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[8]),
+          redis.call('HKEYS', KEYS[3])}
+end
+return {status, rev}
 """
 
 
@@ -107,18 +116,23 @@ def apply_event_call(
     now_ms: int,
     match_record: bytes = b"",
     plain: bool = False,
+    extra_ops: Sequence[object] = (),
+    want_state: bool = False,
 ) -> tuple[list[str], list[object]]:
     """KEYS and ARGV of ``APPLY_EVENT`` for one event (pure).
 
     ``identifiers``: those the event adds to the profile (the ones it claimed or
     already held there; never the ones merge protection kept apart).
     ``match_record``: the event's fuzzy-match record (JSON), if it has one.
-    ``plain``: the event holds no sensitive name (skips the protection walk)."""
+    ``plain``: the event holds no sensitive name (skips the protection walk).
+    ``extra_ops``: more computed-field operations (the segment stage's counters).
+    ``want_state``: answer with the profile's traits, computed fields and
+    memberships after the event (for segment evaluation)."""
     keys = ProfileKeys(profile_id)
     args: list[object] = [
         origin_digest(origin), dedupe_ttl_s * 1000, event.timestamp_ms, now_ms, profile_id,
         message_field(event.message_id), identifier_origin(event), match_record,
-        model.history_entry(event, plain=plain), model.history_length,
+        model.history_entry(event, plain=plain), model.history_length, b"1" if want_state else b"0",
     ]
     traits = model.traits_of(event, plain=plain)
     args.append(len(traits))
@@ -126,10 +140,11 @@ def apply_event_call(
         args.append(name)
         args.append(value)
     ops = model.computed.plan(event)
-    args.append(len(ops) // 5)
+    args.append((len(ops) + len(extra_ops)) // 5)
     args.extend(ops)
+    args.extend(extra_ops)
     args.extend(str(i) for i in identifiers)
-    return [keys.meta, keys.traits, keys.ids, keys.seen, keys.computed, keys.history, keys.match], args
+    return [keys.meta, keys.traits, keys.ids, keys.seen, keys.computed, keys.history, keys.match, keys.segments], args
 
 
 def identifier_origin(event: Event) -> bytes:

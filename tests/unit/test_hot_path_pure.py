@@ -81,19 +81,19 @@ def test_apply_event_arguments():
     model = default_model()
     keys, args = apply_event_call(event, "p_1", "t/0/5", [Identifier("user_id", "u1")], model=model, dedupe_ttl_s=60, now_ms=99)
     k = ProfileKeys("p_1")
-    assert keys == [k.meta, k.traits, k.ids, k.seen, k.computed, k.history, k.match]
+    assert keys == [k.meta, k.traits, k.ids, k.seen, k.computed, k.history, k.match, k.segments]
     assert args[:6] == [origin_digest("t/0/5"), 60_000, event.timestamp_ms, 99, "p_1", message_field("m1")]
     assert args[6] == b"%d|web|m1" % event.timestamp_ms
     assert args[7] == b""
     at, _, entry = args[8].partition(b"|")
     assert int(at) == event.timestamp_ms
     assert orjson.loads(entry) == {"messageId": "m1", "type": "alias", "event": "alias", "channel": "web"}
-    assert args[9] == model.history_length
+    assert args[9:11] == [model.history_length, b"0"]
     # Nested traits by dotted path; consent beside them; non-boolean consent ignored.
-    assert args[10:17] == [3, "plan", b'"pro"', "address.city", b'"Oslo"', "$consent.marketing", b'[false,"m1","web"]']
-    n_ops = args[17]
+    assert args[11:18] == [3, "plan", b'"pro"', "address.city", b'"Oslo"', "$consent.marketing", b'[false,"m1","web"]']
+    n_ops = args[18]
     assert n_ops == len(model.computed.plan(event)) // 5 and n_ops >= 1  # event_counts, channels_used
-    assert args[18 + 5 * n_ops:] == ["user_id:u1"]
+    assert args[19 + 5 * n_ops:] == ["user_id:u1"]
 
 
 def test_resolved_message_carries_profile_and_source():

@@ -1,0 +1,480 @@
+"""The segment stage: incremental evaluation, commits, change events, expiry.
+
+Per batch (``Pipeline`` calls it after the profile step):
+
+1. the profile step already updated each event's condition counters (windowed counts
+   and sums, kept as computed fields ``win:<condition id>`` / ``add:<condition id>``)
+   and answered the profile's state after the event, for the events that affect a
+   segment (``SegmentIndex.affected_by``);
+2. per profile, in batch order, each affected segment is evaluated on the state after
+   each event; a change of membership is a transition caused by that event;
+3. one ``COMMIT`` per profile writes the memberships, if the profile's revision is
+   still the one evaluated (else its state is read again and evaluated again), and
+   marks each event's de-duplication record with the transitions it caused;
+4. the transitions are published on ``cdp.segment-changes`` as CloudEvents with
+   deterministic ids; a redelivered event re-publishes what its record says.
+
+Windowed conditions change with the clock alone: after each commit the profile is
+scheduled (a sorted set per shard, by the time its next counter bucket leaves a
+window) and the worker's timer re-evaluates due profiles (``expire_due``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import orjson
+
+from agents.profiles.computed import ADD, WIN, _buckets
+from agents.profiles.model import CONSENT_PREFIX, ProfileModel, unflatten
+from agents.segments import rules as segment_rules
+from agents.segments.store import (
+    CLAIM_DUE, COMMIT, DUE_KEY, DUE_SHARDS, FINISH_DUE, LEASE_MS, READ_STATE, commit_call, due_key, state_keys,
+)
+from schemas.events import Event
+from streams.keys import ProfileKeys, message_field
+from streams.metrics import Metrics
+from streams.records import OutboundMessage
+from streams.topics import SEGMENT_CHANGES
+
+log = logging.getLogger(__name__)
+
+ENTERED, EXITED = "cdp.segment.entered", "cdp.segment.exited"
+_BUCKETS = 30
+_MAX_COMMIT_ROUNDS = 8
+
+
+def bucket_ms(within_ms: int) -> int:
+    return max(1000, -(-within_ms // _BUCKETS))
+
+
+@dataclass(slots=True)
+class State:
+    """A profile's state as the segment stage needs it."""
+
+    profile_id: str
+    rev: str
+    traits: dict[str, bytes]
+    computed: dict[str, str]
+    segments: dict[str, str]  # segment id → "version|entered ms|cause"
+    identifiers: list[str]
+
+    @classmethod
+    def from_reply(cls, profile_id: str, rev, traits, computed, segments, identifiers) -> "State":
+        return cls(
+            profile_id, _text(rev), _pairs(traits, raw=True), _pairs(computed), _pairs(segments),
+            sorted(_text(i) for i in identifiers),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    profile_id: str
+    segment_id: str
+    version: int
+    kind: str  # ENTERED / EXITED
+    cause: str  # the causing event's messageId, or "expiry:<ms>", "merge:<absorbed>", "definition:<id>@<v>"
+    cause_event: str | None
+
+
+class SegmentEngine:
+    def __init__(self, redis, model: ProfileModel, registry, metrics: Metrics, script: Callable) -> None:
+        self.redis = redis
+        self.model = model
+        self.registry = registry
+        self.metrics = metrics
+        self._script = script  # Pipeline._script: Lua source → SHA
+
+    # ---------------------------------------------------------------- per event
+
+    @property
+    def index(self):
+        return self.registry.index
+
+    def ops(self, event: Event) -> tuple[list, bool]:
+        """The counter operations of ``event`` and whether its profile's state is
+        wanted back (some segment is affected by it)."""
+        index = self.index
+        ops: list = []
+        for condition in index.conditions_for(event):
+            amount = condition.amount(event)
+            if amount is None:
+                continue
+            if condition.within_ms is not None:
+                size = bucket_ms(condition.within_ms)
+                keep = -(-condition.within_ms // size) + 1
+                ops.extend((WIN, f"win:{condition.id}", "", amount, f"{event.timestamp_ms // size},{keep}"))
+            else:
+                ops.extend((ADD, f"add:{condition.id}", "", amount, 1))
+        # A superset: segments true for an empty profile count if the event creates one.
+        return ops, bool(index.affected_by(event, new_profile=True))
+
+    # ---------------------------------------------------------------- a batch
+
+    async def after_apply(self, items: Sequence, profile_ids: Sequence[str], replies: Sequence, now_ms: int) -> list[OutboundMessage]:
+        """Evaluate, commit and publish for a batch's applied events.
+
+        ``items``: the accepted events (``.event``, ``.record``); ``replies``: the
+        profile step's answer per event (None when it was dropped as a resend)."""
+        index = self.index
+        by_profile: dict[str, list[tuple[Event, list, list]]] = {}
+        replay: list[tuple[Event, str, str]] = []
+        for item, profile_id, reply in zip(items, profile_ids, replies):
+            if reply is None:
+                continue
+            status = int(reply[0])
+            event = item.event
+            if status == 2:  # redelivered: publish what its record says it caused
+                replay.append((event, profile_id, _text(reply[1])))
+                continue
+            if len(reply) < 6:
+                continue  # no segment is affected by it
+            affected = index.affected_by(event, new_profile=status == 4)
+            by_profile.setdefault(profile_id, []).append((event, affected, list(reply[1:])))
+        transitions: list[Transition] = []
+        states: dict[str, State] = {}
+        todo: dict[str, tuple[State, list[tuple[Event, list, State]]]] = {}
+        for profile_id, entries in by_profile.items():
+            steps = [(event, affected, State.from_reply(profile_id, *answer)) for event, affected, answer in entries]
+            todo[profile_id] = (steps[-1][2], steps)
+        if replay:
+            transitions.extend(await self._replay(replay, todo, now_ms))
+        transitions.extend(await self._evaluate_and_commit(todo, states, now_ms))
+        return await self._messages(transitions, states, now_ms)
+
+    async def _replay(self, replay, todo, now_ms: int) -> list[Transition]:
+        """Redelivered events: re-publish their recorded transitions; an event whose
+        evaluation was never committed (a crash in between) is evaluated now."""
+        out: list[Transition] = []
+        fresh: list[tuple[Event, str]] = []
+        for event, profile_id, record in replay:
+            marker = record.partition("|e")[2] if "|e" in record else None
+            if marker is None:
+                if self.index.affected_by(event):
+                    fresh.append((event, profile_id))
+                continue
+            for part in filter(None, marker.split(",")):
+                segment_id, _, rest = part.partition("@")
+                version, kind = rest[:-1], rest[-1]
+                out.append(Transition(profile_id, segment_id, int(version), ENTERED if kind == "+" else EXITED,
+                                      event.message_id, event.message_id))
+        if fresh:
+            read = await self.read_states(sorted({p for _, p in fresh}))
+            for event, profile_id in fresh:
+                state = read.get(profile_id)
+                if state is None:
+                    continue
+                entry = todo.setdefault(profile_id, (state, []))
+                entry[1].append((event, self.index.affected_by(event), state))
+        return out
+
+    async def _evaluate_and_commit(self, todo, states: dict[str, State], now_ms: int) -> list[Transition]:
+        out: list[Transition] = []
+        for _ in range(_MAX_COMMIT_ROUNDS):
+            if not todo:
+                return out
+            commits = []
+            for profile_id, (last, steps) in todo.items():
+                membership = dict(steps[0][2].segments)
+                start = dict(membership)
+                marks: list[tuple[str, str]] = []
+                found: list[Transition] = []
+                for event, affected, state in steps:
+                    caused = self._evaluate(state, affected, membership, event.message_id, event.message_id, now_ms)
+                    found.extend(caused)
+                    marks.append((message_field(event.message_id), _marker(caused)))
+                changes = _changes(start, membership)
+                commits.append((profile_id, last, changes, marks, found))
+            sha = await self._script(COMMIT)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for profile_id, last, changes, marks, _ in commits:
+                    keys, args = commit_call(profile_id, last.rev, changes, marks)
+                    pipe.evalsha(sha, len(keys), *keys, *args)
+                replies = await pipe.execute()
+            stale: list[str] = []
+            for (profile_id, last, _, _, found), reply in zip(commits, replies):
+                code = int(reply[0])
+                if code == 1:
+                    out.extend(found)
+                    states[profile_id] = last
+                elif code == 0:
+                    stale.append(profile_id)
+                    self.metrics.identity_conflicts.labels("segment_rev").inc()
+                # 5: merged away meanwhile; the fold re-evaluates the survivor.
+            await self._schedule([states[p] for p, *_ in commits if p in states], now_ms)
+            if not stale:
+                return out
+            # Someone changed the profile between our read and our commit: read it
+            # again and evaluate every segment our events affect, on the new state.
+            fresh = await self.read_states(stale)
+            next_todo = {}
+            for profile_id in stale:
+                state = fresh.get(profile_id)
+                if state is None:
+                    continue
+                _, steps = todo[profile_id]
+                affected = {s.id: s for _, segs, _ in steps for s in segs}
+                event = steps[-1][0]
+                next_todo[profile_id] = (state, [(event, list(affected.values()), state)])
+            todo = next_todo
+        raise RuntimeError("segment commits kept meeting concurrent changes")
+
+    def _evaluate(self, state: State, segments, membership: dict[str, str], cause: str, cause_event: str | None,
+                  now_ms: int) -> list[Transition]:
+        """Evaluate ``segments`` on ``state``; update ``membership``; the transitions."""
+        if not segments:
+            return []
+        view = self.view_of(state, now_ms)
+        found = []
+        for segment in segments:
+            member = bool(segment.evaluate(view))
+            held = membership.get(segment.id)
+            if member and held is None:
+                membership[segment.id] = f"{segment.version}|{now_ms}|{cause}"
+                found.append(Transition(state.profile_id, segment.id, segment.version, ENTERED, cause, cause_event))
+            elif not member and held is not None:
+                del membership[segment.id]
+                found.append(Transition(state.profile_id, segment.id, segment.version, EXITED, cause, cause_event))
+            elif member and not held.startswith(f"{segment.version}|"):
+                membership[segment.id] = f"{segment.version}|{held.split('|', 2)[1]}|{cause}"  # still a member
+        return found
+
+    def view_of(self, state: State, now_ms: int):
+        traits: dict[str, tuple[int, object]] = {}
+        for name, raw in state.traits.items():
+            if name.startswith(CONSENT_PREFIX):
+                continue
+            at, _, value = raw.partition(b"|")
+            traits[name] = (int(at), orjson.loads(value))
+        counters: dict[str, float] = {}
+        computed = state.computed
+        for condition in self.index.conditions():
+            if condition.within_ms is not None:
+                size = bucket_ms(condition.within_ms)
+                horizon = now_ms - condition.within_ms
+                counters[condition.id] = sum(
+                    amount for bucket, amount in _buckets(computed.get(f"win:{condition.id}", "")) if (bucket + 1) * size > horizon
+                )
+            else:
+                counters[condition.id] = float(computed.get(f"add:{condition.id}", 0))
+        return segment_rules.ProfileView(
+            traits=unflatten(traits), computed=self.model.computed.present(computed, now_ms), counters=counters,
+        )
+
+    async def recover(self, items: Sequence, profile_ids: Sequence[str], replies: Sequence, now_ms: int) -> list[OutboundMessage]:
+        """After a failure inside ``after_apply``: what got committed is in the events'
+        de-duplication records; handle the batch as if it were redelivered."""
+        wanted = [k for k, reply in enumerate(replies) if reply is not None]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for k in wanted:
+                pipe.hget(ProfileKeys(profile_ids[k]).seen, message_field(items[k].event.message_id))
+            records = await pipe.execute()
+        synthetic: list = [None] * len(items)
+        for k, record in zip(wanted, records):
+            if record is not None:
+                synthetic[k] = [2, record]
+        return await self.after_apply(items, profile_ids, synthetic, now_ms)
+
+    async def exit_absorbed(self, absorbed: Sequence[str], now_ms: int) -> list[OutboundMessage]:
+        """Exits for the memberships of profiles merged away (before their cleanup)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for profile_id in absorbed:
+                keys = ProfileKeys(profile_id)
+                pipe.hgetall(keys.segments)
+                pipe.hkeys(keys.ids)
+            replies = await pipe.execute()
+        out = []
+        for index, profile_id in enumerate(absorbed):
+            memberships, ids = replies[2 * index], replies[2 * index + 1]
+            if not memberships:
+                continue
+            state = State(profile_id, "", {}, {}, _pairs(memberships), sorted(_text(i) for i in ids))
+            for segment_id, value in sorted(state.segments.items()):
+                version = int(value.split("|", 1)[0] or 0)
+                transition = Transition(profile_id, segment_id, version, EXITED, f"merge:{profile_id}", None)
+                self.metrics.segment_transitions.labels("exited").inc()
+                out.append(change_message(transition, None, state, now_ms))
+        return out
+
+    # ---------------------------------------------------------------- reads
+
+    async def read_states(self, profile_ids: Sequence[str]) -> dict[str, State]:
+        """The current state of each profile that exists and was not merged away."""
+        sha = await self._script(READ_STATE)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for profile_id in profile_ids:
+                keys = state_keys(profile_id)
+                pipe.evalsha(sha, len(keys), *keys)
+            replies = await pipe.execute()
+        out = {}
+        for profile_id, (rev, parent, traits, computed, segments, ids, created) in zip(profile_ids, replies):
+            if _text(parent) or not _text(created):
+                continue
+            out[profile_id] = State.from_reply(profile_id, rev, traits, computed, segments, ids)
+        return out
+
+    async def evaluate_profiles(self, profile_ids: Sequence[str], segments, cause: str, now_ms: int) -> list[OutboundMessage]:
+        """Evaluate ``segments`` (or, with None, every segment) for whole profiles:
+        expiry, merges, back-fill. Commits and returns the change events."""
+        states = await self.read_states(profile_ids)
+        chosen = list(self.index.segments.values()) if segments is None else list(segments)
+        todo = {}
+        for profile_id, state in states.items():
+            # A pseudo-event carries the cause through the commit (no record to mark).
+            todo[profile_id] = (state, [(_Cause(cause), chosen, state)])
+        committed: dict[str, State] = {}
+        transitions = await self._evaluate_and_commit(todo, committed, now_ms)
+        return await self._messages(transitions, committed, now_ms)
+
+    # ---------------------------------------------------------------- expiry
+
+    async def _schedule(self, states: Sequence[State], now_ms: int) -> None:
+        """Schedule each profile for when one of its windowed counters next changes."""
+        windowed = [c for c in self.index.conditions() if c.within_ms is not None]
+        if not windowed or not states:
+            return
+        entries = []
+        for state in states:
+            due = next_due(state.computed, windowed, now_ms)
+            if due is not None:
+                entries.append((state.profile_id, due))
+        if entries:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for profile_id, due in entries:
+                    pipe.zadd(due_key(profile_id), {profile_id: due}, lt=True)
+                await pipe.execute()
+
+    async def schedule_now(self, profile_ids: Sequence[str], now_ms: int) -> None:
+        """Have every segment re-evaluated for these profiles at once (after a merge)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for profile_id in profile_ids:
+                pipe.zadd(due_key(profile_id), {profile_id: now_ms}, lt=True)
+            await pipe.execute()
+
+    async def expire_due(self, now_ms: int, limit: int = 200) -> list[OutboundMessage]:
+        """Claim due profiles (leased), re-evaluate every segment for them, and
+        schedule them again. Returns the change events (for the caller to publish)."""
+        claim = await self._script(CLAIM_DUE)
+        lease = now_ms + LEASE_MS
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in range(DUE_SHARDS):
+                pipe.evalsha(claim, 1, DUE_KEY % shard, now_ms, lease, limit)
+            claimed = await pipe.execute()
+        profile_ids = sorted({_text(p) for shard in claimed for p in shard})
+        if not profile_ids:
+            return []
+        messages = await self.evaluate_profiles(profile_ids, None, f"expiry:{now_ms}", now_ms)
+        states = await self.read_states(profile_ids)
+        windowed = [c for c in self.index.conditions() if c.within_ms is not None]
+        finish = await self._script(FINISH_DUE)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for profile_id in profile_ids:
+                state = states.get(profile_id)
+                due = next_due(state.computed, windowed, now_ms) if state is not None else None
+                pipe.evalsha(finish, 1, due_key(profile_id), profile_id, lease, "" if due is None else due)
+            await pipe.execute()
+        self.metrics.segment_expiry_checks.inc(len(profile_ids))
+        return messages
+
+    # ---------------------------------------------------------------- output
+
+    async def _messages(self, transitions: Sequence[Transition], states: dict[str, State], now_ms: int) -> list[OutboundMessage]:
+        if not transitions:
+            return []
+        missing = sorted({t.profile_id for t in transitions} - states.keys())
+        if missing:
+            states = {**states, **await self.read_states(missing)}
+        out = []
+        for transition in transitions:
+            segment = self.index.segments.get(transition.segment_id)
+            state = states.get(transition.profile_id)
+            self.metrics.segment_transitions.labels("entered" if transition.kind == ENTERED else "exited").inc()
+            out.append(change_message(transition, segment, state, now_ms))
+        return out
+
+
+class _Cause:
+    """Stands in for an event when an evaluation has no causing event."""
+
+    __slots__ = ("message_id",)
+
+    def __init__(self, cause: str) -> None:
+        self.message_id = cause
+
+
+def next_due(computed: dict[str, str], windowed, now_ms: int) -> int | None:
+    """When the first windowed counter of this profile next loses a bucket."""
+    due = None
+    for condition in windowed:
+        size = bucket_ms(condition.within_ms)
+        horizon = now_ms - condition.within_ms
+        for bucket, amount in _buckets(computed.get(f"win:{condition.id}", "")):
+            if amount and (bucket + 1) * size > horizon:
+                at = (bucket + 1) * size + condition.within_ms
+                due = at if due is None else min(due, at)
+                break  # buckets are stored oldest first
+    return due
+
+
+def change_message(transition: Transition, segment, state: State | None, now_ms: int) -> OutboundMessage:
+    """A CloudEvents 1.0 structured-mode JSON message, keyed by profile id."""
+    chosen = {}
+    if segment is not None and state is not None and segment.chosen_traits:
+        traits = {}
+        for name, raw in state.traits.items():
+            if not name.startswith(CONSENT_PREFIX):
+                at, _, value = raw.partition(b"|")
+                traits[name] = (int(at), orjson.loads(value))
+        nested = unflatten(traits)
+        chosen = {name: nested[name] for name in segment.chosen_traits if name in nested}
+    body = {
+        "specversion": "1.0",
+        "id": segment_rules.change_id(
+            transition.profile_id, transition.segment_id, transition.version,
+            "entered" if transition.kind == ENTERED else "exited", transition.cause,
+        ),
+        "source": "streamcdp/segments",
+        "type": transition.kind,
+        "subject": transition.profile_id,
+        "time": _iso(now_ms),
+        "datacontenttype": "application/json",
+        "data": {
+            "segmentId": transition.segment_id,
+            "segmentVersion": transition.version,
+            "profileId": transition.profile_id,
+            "identifiers": state.identifiers if state is not None else [],
+            "traits": chosen,
+            "causeEventId": transition.cause_event,
+            "cause": transition.cause.split(":", 1)[0] if transition.cause_event is None else "event",
+        },
+    }
+    return OutboundMessage(SEGMENT_CHANGES, transition.profile_id.encode(), orjson.dumps(body))
+
+
+def _marker(transitions: Sequence[Transition]) -> str:
+    return ",".join(f"{t.segment_id}@{t.version}{'+' if t.kind == ENTERED else '-'}" for t in transitions)
+
+
+def _changes(start: dict[str, str], end: dict[str, str]) -> list[tuple[str, bool, str]]:
+    changes = [(segment_id, True, value) for segment_id, value in end.items() if start.get(segment_id) != value]
+    changes.extend((segment_id, False, "") for segment_id in start.keys() - end.keys())
+    return changes
+
+
+def _pairs(flat, raw: bool = False) -> dict:
+    if isinstance(flat, dict):
+        items = flat.items()
+    else:
+        items = zip(flat[::2], flat[1::2])
+    return {_text(k): (v if raw else _text(v)) for k, v in items}
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
