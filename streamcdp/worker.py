@@ -96,6 +96,8 @@ class WorkerState:
             self._redis_ok_at = now
         if self.app.rebalancing or not self.app.tables.recovery.completed.is_set():
             return False, "joining the consumer group"
+        if not self.segments.registry.loaded.is_set():
+            return False, "reading the segment definitions"
         return True, "ok"
 
     def update_lag(self) -> None:
@@ -290,12 +292,17 @@ def _add_routes(app: faust.App, state: WorkerState) -> None:
 
     async def _profile_response(view: View, id_or_identifier: str) -> Response:
         try:
-            profile = await lookup_profile(
-                state.redis, id_or_identifier, hash_key=settings.id_hash_key,
-                default_region=settings.phone_default_region, model=state.pipeline.model,
-            )
+            # The worker's Redis client has no per-reply timeout (the hot path times
+            # whole round trips); a read for the API gets its own bound.
+            async with asyncio.timeout(5.0):
+                profile = await lookup_profile(
+                    state.redis, id_or_identifier, hash_key=settings.id_hash_key,
+                    default_region=settings.phone_default_region, model=state.pipeline.model,
+                )
         except InvalidIdentifier as exc:
             return view.json({"error": str(exc)}, status=400)
+        except TimeoutError:
+            return view.json({"error": "Redis did not answer in time"}, status=503)
         if profile is None:
             return view.json({"error": f"no profile for {id_or_identifier!r}"}, status=404)
         return view.json(profile)

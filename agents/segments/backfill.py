@@ -7,6 +7,8 @@ if it dies, the lease runs out and another worker (its periodic check) starts ov
 which is harmless because evaluation is idempotent. A finished back-fill is recorded
 in ``cdp:seg:backfilled`` (segment id → version), so restarts do not repeat it.
 
+A deleted segment is swept the same way: its members exit (``cause`` ``deleted``).
+
 What a back-fill can know: traits, computed traits and the segment's event
 conditions as counted so far. Conditions new with this segment start counting when
 the segment reaches the workers; events from before are not counted (streamcdp keeps
@@ -20,6 +22,7 @@ import logging
 import time
 import uuid
 
+from agents.segments.registry import Retired
 from streams.keys import PREFIX
 from streams.output import deliver
 
@@ -38,14 +41,16 @@ def _profile_id(key) -> str:
 
 async def backfill(engine, redis, producer, metrics, segment, *, chunk: int = 200, pause_s: float = 0.02) -> bool:
     """Back-fill ``segment``; False when it was done already or another worker has it."""
+    retired = isinstance(segment, Retired)
+    mark = f"deleted@{segment.version}" if retired else str(segment.version)
     done = await redis.hget(DONE_KEY, segment.id)
-    if done is not None and done.decode() == str(segment.version):
+    if done is not None and done.decode() == mark:
         return False
     lease = LEASE_KEY % segment.id
     token = f"{segment.version}|{uuid.uuid4().hex}"
     if not await redis.set(lease, token, nx=True, px=LEASE_MS):
         return False
-    cause = f"definition:{segment.id}@{segment.version}"
+    cause = f"{'deleted' if retired else 'definition'}:{segment.id}@{segment.version}"
     started = time.monotonic()
     seen = 0
     try:
@@ -55,7 +60,7 @@ async def backfill(engine, redis, producer, metrics, segment, *, chunk: int = 20
             profile_ids = sorted({_profile_id(k) for k in keys})
             if profile_ids:
                 current = engine.index.segments.get(segment.id)
-                if current is None or current.version != segment.version:
+                if (current is not None) if retired else (current is None or current.version != segment.version):
                     log.info("segment %s changed during its back-fill; the new version takes over", segment.id)
                     return False
                 messages = await engine.evaluate_profiles(profile_ids, [segment], cause, int(time.time() * 1000))
@@ -69,7 +74,7 @@ async def backfill(engine, redis, producer, metrics, segment, *, chunk: int = 20
             if cursor == 0:
                 break
             await asyncio.sleep(pause_s)
-        await redis.hset(DONE_KEY, segment.id, segment.version)
+        await redis.hset(DONE_KEY, segment.id, mark)
         log.info("segment %s version %s back-filled over %d profiles in %.1fs",
                  segment.id, segment.version, seen, time.monotonic() - started)
         return True

@@ -183,9 +183,12 @@ class SegmentEngine:
                 marks: list[tuple[str, str]] = []
                 found: list[Transition] = []
                 for event, affected, state in steps:
-                    caused = self._evaluate(state, affected, membership, event.message_id, event.message_id, now_ms)
+                    pseudo = isinstance(event, _Cause)
+                    caused = self._evaluate(state, affected, membership, event.message_id,
+                                            None if pseudo else event.message_id, now_ms)
                     found.extend(caused)
-                    marks.append((message_field(event.message_id), _marker(caused)))
+                    if not pseudo:
+                        marks.append((message_field(event.message_id), _marker(caused)))
                 changes = _changes(start, membership)
                 commits.append((profile_id, last, changes, marks, found))
             sha = await self._script(COMMIT)

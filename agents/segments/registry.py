@@ -40,6 +40,20 @@ class SegmentSet:
         return self._index.conditions_for(event_name(event))
 
 
+class Retired:
+    """A deleted segment, for the sweep that exits its members: never holds."""
+
+    chosen_traits: tuple = ()
+
+    def __init__(self, segment_id: str, version: int) -> None:
+        self.id = segment_id
+        self.version = version
+        self.fingerprint = f"retired:{segment_id}@{version}"
+
+    def evaluate(self, view) -> bool:
+        return False
+
+
 class SegmentRegistry:
     def __init__(self, computed: ComputedTraits) -> None:
         self.computed = computed
@@ -57,9 +71,12 @@ class SegmentRegistry:
         if value is None:
             if segment_id and segment_id in self.index.segments:
                 segments = dict(self.index.segments)
-                del segments[segment_id]
+                retired = Retired(segment_id, segments.pop(segment_id).version)
                 self.index = SegmentSet(segments, self.computed)
                 log.info("segment %s deleted", segment_id)
+                if self.loaded.is_set():
+                    for listener in self._listeners:
+                        listener(retired)  # its members exit
             return
         try:
             segment = rules.parse_segment(

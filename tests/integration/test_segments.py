@@ -120,6 +120,8 @@ async def test_exit_by_time_without_a_new_event(stage, redis):
     assert changes(await engine.expire_due(now + 1_000), pid) == []  # still inside the window
     expired = await engine.expire_due(now + 7_000)  # the window (plus one 1 s bucket) has passed
     assert changes(expired, pid) == [("exited", seg)]
+    body = next(orjson.loads(m.value) for m in expired if orjson.loads(m.value)["subject"] == pid)
+    assert body["data"]["cause"] == "expiry" and body["data"]["causeEventId"] is None
     assert changes(await engine.expire_due(now + 8_000), pid) == []  # once
 
 
@@ -207,3 +209,29 @@ async def test_segments_apply_reaches_a_running_worker_and_delete_removes_it(wor
     assert seg not in (await asyncio.to_thread(cli, infra, "segments", "list")).stdout
     missing = await asyncio.to_thread(cli, infra, "segments", "delete", seg)
     assert missing.returncode == 3
+
+
+async def test_deleting_a_segment_exits_its_members(stage, redis, producer, metrics):
+    pipeline, registry = stage
+    seg = unique("gone").lower()
+    define(registry, {"id": seg, "version": 4, "rule": {"trait": "club", "eq": "yes"}})
+    user = unique("u")
+    await pipeline.handle([record(identify(userId=user, traits={"club": "yes"}))])
+    pid = await profile_id_of(redis, f"user_id:{user}")
+    retired = []
+    registry.listen(retired.append)
+    registry.apply_record(seg.encode(), None)  # the tombstone
+    [gone] = retired
+    sent: list = []
+
+    class Capture:
+        async def enqueue(self, message):
+            sent.append(message)
+            return await AiokafkaProducer(producer).enqueue(message)
+
+    assert await backfill(pipeline.segments, redis, Capture(), metrics, gone, pause_s=0)
+    exits = [orjson.loads(m.value) for m in sent if m.topic == SEGMENT_CHANGES and orjson.loads(m.value)["subject"] == pid]
+    assert [(e["type"], e["data"]["segmentVersion"], e["data"]["cause"]) for e in exits] == [("cdp.segment.exited", 4, "deleted")]
+    from agents.profiles.store import read_profile
+
+    assert seg not in (await read_profile(redis, pid))["segments"]
