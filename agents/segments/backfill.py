@@ -75,8 +75,8 @@ async def backfill(engine, redis, producer, metrics, segment, *, chunk: int = 20
                 break
             await asyncio.sleep(pause_s)
         await redis.hset(DONE_KEY, segment.id, mark)
-        log.info("segment %s version %s back-filled over %d profiles in %.1fs",
-                 segment.id, segment.version, seen, time.monotonic() - started)
+        log.info("segment %s version %s %s over %d profiles in %.1fs", segment.id, segment.version,
+                 "swept (deleted)" if retired else "back-filled", seen, time.monotonic() - started)
         return True
     finally:
         if await redis.get(lease) == token.encode():

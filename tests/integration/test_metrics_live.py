@@ -24,6 +24,7 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from streams.deadletter import header_map
+from streams.segment_definitions import publish
 from streams.settings import Settings
 from streams.topics import DEAD_LETTER, EVENTS_WEB, IDENTITY_MERGES, INBOUND, RESOLVED
 from tests import monitoring_refs as refs
@@ -32,7 +33,7 @@ from tests.integration.conftest import CollectorProcess, http_get, produce
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-STAGES = ("ingest", "identity", "profile", "output")
+STAGES = ("ingest", "identity", "profile", "segments", "output")
 
 
 class Scrape:
@@ -55,6 +56,11 @@ class Scrape:
 
     def labels(self, name: str) -> list[dict]:
         return [ls for n, ls, _ in self.samples if n == name]
+
+
+def _now_iso() -> str:
+    moment = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{int(moment * 1000) % 1000:03d}Z"
 
 
 async def scrape(url: str) -> Scrape:
@@ -130,6 +136,16 @@ async def test_worker_exports_and_moves_every_metric_the_dashboard_and_alerts_us
                        traits={"firstName": given, "lastName": surname, "birthday": "1980-05-17"})
     await produce(producer, EVENTS_WEB, [walk_in])
 
+    # A segment only this test's probe enters, through a 2 s window: it enters, then
+    # the window timer makes it exit. Publishing it back-fills the profiles made above.
+    probe = unique("probe")
+    segment_id = probe.lower()
+    await publish(worker.settings, segment_id, {"id": segment_id, "version": 1, "rule": {"all": [
+        {"trait": "probe", "eq": probe}, {"event": "Probe Seen", "within": "2s"}]}})
+    await asyncio.sleep(1.0)  # the worker follows cdp.segment-definitions
+    seen = track(event="Probe Seen", timestamp=_now_iso(), context={"traits": {"probe": probe}})
+    await produce(producer, EVENTS_WEB, [seen])
+
     # A resend of an applied messageId (another record), and malformed records.
     resend = dict(first)
     key = unique("bad").encode()
@@ -166,6 +182,10 @@ async def test_worker_exports_and_moves_every_metric_the_dashboard_and_alerts_us
         ("cdp_redis_call_duration_seconds_count", {}, 1),
         ("cdp_kafka_commit_seconds_count", {}, 1),  # offsets committed (every second) after the batches
         *(("cdp_stage_duration_seconds_count", {"stage": stage}, 1) for stage in STAGES),
+        ("cdp_segment_transitions_total", {"kind": "entered"}, 1),
+        ("cdp_segment_transitions_total", {"kind": "exited"}, 1),  # by the window timer
+        ("cdp_segment_expiry_checks_total", {}, 1),
+        ("cdp_segment_backfill_profiles_total", {"segment": segment_id}, 1),
     ]
 
     async def not_moved() -> list[str]:
@@ -176,7 +196,10 @@ async def test_worker_exports_and_moves_every_metric_the_dashboard_and_alerts_us
             if after.value(name, **labels) - before.value(name, **labels) < delta
         ]
 
-    await eventually(not_moved, 30, "the worker's counters to move")
+    try:
+        await eventually(not_moved, 30, "the worker's counters to move")
+    finally:
+        await publish(worker.settings, segment_id, None)
 
     # Every metric family the dashboard shows that this traffic moves is among them.
     moved_families = {refs.worker_series()[name] for name, _, _ in must_grow}
