@@ -256,6 +256,35 @@ class ComputedTraits:
         stored = _Stored(fields)
         return {trait.name: _present_one(trait, stored, now_ms) for trait in self.traits}
 
+    def lazy(self, fields: Mapping[str, str], now_ms: int) -> "LazyComputed":
+        """The same values as :meth:`present`, each worked out when first read
+        (segment rules read a few of them, for many events)."""
+        return LazyComputed(self, fields, now_ms)
+
+
+class LazyComputed(Mapping):
+    def __init__(self, traits: "ComputedTraits", fields: Mapping[str, str], now_ms: int) -> None:
+        self._by_name = {t.name: t for t in traits.traits}
+        self._fields = fields
+        self._now = now_ms
+        self._stored: _Stored | None = None
+        self._done: dict = {}
+
+    def __getitem__(self, name: str):
+        if name in self._done:
+            return self._done[name]
+        trait = self._by_name[name]
+        if self._stored is None:
+            self._stored = _Stored(self._fields)
+        value = self._done[name] = _present_one(trait, self._stored, self._now)
+        return value
+
+    def __iter__(self):
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
 
 def _matches(values: list, allowed: frozenset) -> bool:
     return any((_text(v) if not isinstance(v, str) else v) in allowed for v in values)

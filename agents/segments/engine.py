@@ -264,7 +264,7 @@ class SegmentEngine:
             else:
                 counters[condition.id] = float(computed.get(f"add:{condition.id}", 0))
         return segment_rules.ProfileView(
-            traits=unflatten(traits), computed=self.model.computed.present(computed, now_ms), counters=counters,
+            traits=unflatten(traits), computed=self.model.computed.lazy(computed, now_ms), counters=counters,
         )
 
     async def recover(self, items: Sequence, profile_ids: Sequence[str], replies: Sequence, now_ms: int) -> list[OutboundMessage]:

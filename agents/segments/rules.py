@@ -143,7 +143,13 @@ def _descend(value, part: str, into: list) -> None:
 
 def _walk(root, path: tuple[str, ...]) -> list:
     """The values at ``path`` below ``root``, through lists; a list at the end of
-    the path stays one value (ops look into it)."""
+    the path stays one value (ops look into it). ``root`` may be any Mapping (the
+    engine passes lazily computed traits); below it, JSON dicts and lists."""
+    if not isinstance(root, dict) and isinstance(root, Mapping) and path:
+        child = root.get(path[0])
+        if child is None:
+            return []
+        root, path = child, path[1:]
     nodes = [root]
     for part in path:
         found: list = []

@@ -672,3 +672,19 @@ def test_change_id():
     assert len(others) == 6
     with pytest.raises(ValueError):
         change_id("p_1", "s", 3, "left", "m-1")
+
+
+def test_computed_traits_read_from_a_lazy_mapping():
+    from agents.profiles.computed import ComputedTraits
+    from agents.segments.rules import ProfileView, parse_segment
+
+    computed = ComputedTraits.parse({"computed_traits": [
+        {"name": "total_spend", "aggregate": "sum", "events": ["Order Completed"], "property": "properties.total",
+         "per": "properties.currency"},
+        {"name": "order_count", "aggregate": "count", "events": ["Order Completed"]},
+    ]})
+    lazy = computed.lazy({"add:total_spend|EUR": "150", "add:order_count": "2"}, 0)
+    rich = parse_segment({"id": "rich", "version": 1, "rule": {"all": [
+        {"trait": "computed.total_spend.EUR", "gte": 100}, {"trait": "computed.order_count", "eq": 2}]}}, computed=computed)
+    assert rich.evaluate(ProfileView(computed=lazy))
+    assert not rich.evaluate(ProfileView(computed=computed.lazy({"add:total_spend|EUR": "50"}, 0)))
