@@ -22,7 +22,7 @@ window) and the worker's timer re-evaluates due profiles (``expire_due``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -87,6 +87,8 @@ class SegmentEngine:
         self.registry = registry
         self.metrics = metrics
         self._script = script  # Pipeline._script: Lua source → SHA
+        self._conditions: dict = {}
+        self._conditions_for = None  # the SegmentSet _conditions was built from
 
     # ---------------------------------------------------------------- per event
 
@@ -252,19 +254,9 @@ class SegmentEngine:
                 continue
             at, _, value = raw.partition(b"|")
             traits[name] = (int(at), orjson.loads(value))
-        counters: dict[str, float] = {}
-        computed = state.computed
-        for condition in self.index.conditions():
-            if condition.within_ms is not None:
-                size = bucket_ms(condition.within_ms)
-                horizon = now_ms - condition.within_ms
-                counters[condition.id] = sum(
-                    amount for bucket, amount in _buckets(computed.get(f"win:{condition.id}", "")) if (bucket + 1) * size > horizon
-                )
-            else:
-                counters[condition.id] = float(computed.get(f"add:{condition.id}", 0))
+        counters = LazyCounters(self._conditions_by_id(), state.computed, now_ms)
         return segment_rules.ProfileView(
-            traits=unflatten(traits), computed=self.model.computed.lazy(computed, now_ms), counters=counters,
+            traits=unflatten(traits), computed=self.model.computed.lazy(state.computed, now_ms), counters=counters,
         )
 
     async def recover(self, items: Sequence, profile_ids: Sequence[str], replies: Sequence, now_ms: int) -> list[OutboundMessage]:
@@ -302,6 +294,13 @@ class SegmentEngine:
                 out.append(change_message(transition, None, state, now_ms))
         return out
 
+    def _conditions_by_id(self) -> dict:
+        index = self.index
+        if self._conditions_for is not index:
+            self._conditions = {c.id: c for c in index.conditions()}
+            self._conditions_for = index
+        return self._conditions
+
     # ---------------------------------------------------------------- reads
 
     async def read_states(self, profile_ids: Sequence[str]) -> dict[str, State]:
@@ -336,12 +335,12 @@ class SegmentEngine:
 
     async def _schedule(self, states: Sequence[State], now_ms: int) -> None:
         """Schedule each profile for when one of its windowed counters next changes."""
-        windowed = [c for c in self.index.conditions() if c.within_ms is not None]
-        if not windowed or not states:
+        if not states:
             return
+        conditions = self._conditions_by_id()
         entries = []
         for state in states:
-            due = next_due(state.computed, windowed, now_ms)
+            due = next_due(state.computed, conditions, now_ms)
             if due is not None:
                 entries.append((state.profile_id, due))
         if entries:
@@ -371,12 +370,12 @@ class SegmentEngine:
             return []
         messages = await self.evaluate_profiles(profile_ids, None, f"expiry:{now_ms}", now_ms)
         states = await self.read_states(profile_ids)
-        windowed = [c for c in self.index.conditions() if c.within_ms is not None]
+        conditions = self._conditions_by_id()
         finish = await self._script(FINISH_DUE)
         async with self.redis.pipeline(transaction=False) as pipe:
             for profile_id in profile_ids:
                 state = states.get(profile_id)
-                due = next_due(state.computed, windowed, now_ms) if state is not None else None
+                due = next_due(state.computed, conditions, now_ms) if state is not None else None
                 pipe.evalsha(finish, 1, due_key(profile_id), profile_id, lease, "" if due is None else due)
             await pipe.execute()
         self.metrics.segment_expiry_checks.inc(len(profile_ids))
@@ -408,18 +407,57 @@ class _Cause:
         self.message_id = cause
 
 
-def next_due(computed: dict[str, str], windowed, now_ms: int) -> int | None:
-    """When the first windowed counter of this profile next loses a bucket."""
+def next_due(computed: dict[str, str], conditions: dict, now_ms: int) -> int | None:
+    """When the first windowed counter of this profile next loses a bucket (only the
+    windowed counters the profile has are looked at)."""
     due = None
-    for condition in windowed:
+    for field, raw in computed.items():
+        if not field.startswith("win:"):
+            continue
+        condition = conditions.get(field[4:])
+        if condition is None or condition.within_ms is None:
+            continue  # a computed trait's window, or a condition no segment has now
         size = bucket_ms(condition.within_ms)
         horizon = now_ms - condition.within_ms
-        for bucket, amount in _buckets(computed.get(f"win:{condition.id}", "")):
+        for bucket, amount in _buckets(raw):
             if amount and (bucket + 1) * size > horizon:
                 at = (bucket + 1) * size + condition.within_ms
                 due = at if due is None else min(due, at)
                 break  # buckets are stored oldest first
     return due
+
+
+class LazyCounters(Mapping):
+    """Condition id → its count or sum as of now, worked out when a rule reads it."""
+
+    def __init__(self, conditions: dict, computed: dict[str, str], now_ms: int) -> None:
+        self._conditions = conditions
+        self._computed = computed
+        self._now = now_ms
+        self._done: dict[str, float] = {}
+
+    def __getitem__(self, condition_id: str) -> float:
+        value = self._done.get(condition_id)
+        if value is not None:
+            return value
+        condition = self._conditions[condition_id]
+        if condition.within_ms is not None:
+            size = bucket_ms(condition.within_ms)
+            horizon = self._now - condition.within_ms
+            value = sum(
+                amount for bucket, amount in _buckets(self._computed.get(f"win:{condition_id}", ""))
+                if (bucket + 1) * size > horizon
+            )
+        else:
+            value = float(self._computed.get(f"add:{condition_id}", 0))
+        self._done[condition_id] = value
+        return value
+
+    def __iter__(self):
+        return iter(self._conditions)
+
+    def __len__(self) -> int:
+        return len(self._conditions)
 
 
 def change_message(transition: Transition, segment, state: State | None, now_ms: int) -> OutboundMessage:
