@@ -23,7 +23,7 @@ from bench.common import ROOT, Child
 from bench.pipeline import Options, Report, Row, run_all
 
 # Benchmarks with a command line of their own, run after the pipeline's table.
-OTHER_BENCHMARKS = ("bench.collector", "bench.identity_accuracy")
+OTHER_BENCHMARKS = ("bench.collector", "bench.identity_accuracy", "bench.profile_memory", "bench.segments")
 OTHER_TIMEOUT_S = 300
 COLUMNS = ("shape", "events/s", "vs raw passthrough (a)", "vs bare faust (b)", "Redis round trips/event", "p50/p95/p99 ms at {rate}/s")
 
