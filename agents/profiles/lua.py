@@ -116,8 +116,31 @@ local function window_write(h, field, list, keep)
 end
 
 local function window_add(h, field, bucket, keep, amount)
-  local list = window_parse(redis.call('HGET', h, field))
-  local newest = bucket
+  local raw = redis.call('HGET', h, field)
+  if not raw then
+    redis.call('HSET', h, field, bucket .. '=' .. fmt(amount))
+    return
+  end
+  -- The usual cases touch only the newest bucket, the last entry: add to it, or
+  -- append a newer one (dropping old ones from the front only when there are any).
+  local head, last_bucket, last_amount = string.match(raw, '^(.-)(-?%d+)=([^;]+)$')
+  local newest = tonumber(last_bucket)
+  if newest and bucket == newest then
+    redis.call('HSET', h, field, head .. last_bucket .. '=' .. fmt(tonumber(last_amount) + amount))
+    return
+  end
+  if newest and bucket > newest then
+    local grown = raw .. ';' .. bucket .. '=' .. fmt(amount)
+    local oldest = tonumber(string.match(grown, '^(-?%d+)='))
+    if oldest > bucket - keep then
+      redis.call('HSET', h, field, grown)
+    else
+      window_write(h, field, window_parse(grown), keep)
+    end
+    return
+  end
+  -- A late event: the whole list.
+  local list = window_parse(raw)
   for _, entry in ipairs(list) do if entry[1] > newest then newest = entry[1] end end
   if bucket <= newest - keep then return end
   local found = false

@@ -267,3 +267,25 @@ async def test_known_identifiers_skip_profile_reads_and_a_merge_elsewhere_is_fol
     await ours.handle([record(track(anonymousId=anon, timestamp=at(7)))])
     assert metrics.identity_conflicts.labels("moved")._value.get() == moved_before + 1
     assert (await profile_of(redis, f"anonymous_id:{anon}"))["eventCount"] == 7
+
+
+async def test_window_buckets_in_lua_add_append_prune_and_take_late_events(redis):
+    from agents.profiles.lua import FUNCTIONS
+
+    script = FUNCTIONS + """
+window_add(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+    key = f"cdp:test:{{{unique('w')}}}"
+    steps = [
+        ((10, 3, 1), "10=1"),
+        ((10, 3, 2), "10=3"),  # the newest bucket again
+        ((11, 3, 1.5), "10=3;11=1.5"),  # a newer bucket
+        ((13, 3, 1), "11=1.5;13=1"),  # newer still: bucket 10 falls out (keep 3)
+        ((12, 3, 5), "11=1.5;12=5;13=1"),  # a late event in its place
+        ((9, 3, 1), "11=1.5;12=5;13=1"),  # older than any window: dropped
+        ((13, 3, -1), "11=1.5;12=5;13=0"),
+    ]
+    for (bucket, keep, amount), expected in steps:
+        assert (await redis.eval(script, 1, key, "win:x", bucket, keep, amount)).decode() == expected
+    await redis.delete(key)
