@@ -56,6 +56,10 @@ from streams.topics import DEAD_LETTER, RESOLVED
 log = logging.getLogger(__name__)
 
 STORE_ERROR = "store_error"
+RELEASE_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 5.0
 # A Redis round trip (one pipelined batch step) taking longer counts as an outage.
@@ -224,6 +228,7 @@ class Pipeline:
             replies, lost = await self._redis("profile", self._apply, items, plans, records, now_ms)
             self.metrics.stage_latency.labels("profile").observe(time.perf_counter() - started)
             again = []
+            released: list[tuple[Identifier, str]] = []
             for k, i in enumerate(todo):
                 reply = replies[k]
                 if isinstance(reply, Exception):
@@ -235,6 +240,14 @@ class Pipeline:
                     self.identity.suspect(plans[k].profile_id)
                     again.append(i)
                     continue
+                if status is ApplyStatus.DELETED:
+                    # Deleted by a privacy request after this worker cached it: forget
+                    # it, take back what this round claimed for it, and start afresh.
+                    self.metrics.identity_conflicts.labels("deleted").inc()
+                    self.identity.forget_profile(plans[k].profile_id)
+                    released.extend((identifier, plans[k].profile_id) for identifier in plans[k].claims)
+                    again.append(i)
+                    continue
                 if first[i] is None:
                     first[i] = status
                     answer[i] = reply
@@ -242,6 +255,8 @@ class Pipeline:
                 if lost[k]:
                     self.metrics.identity_conflicts.labels("claim").inc()
                     again.append(i)
+            if released:
+                await self._redis("identity", self._release_claims, released)
             todo = again
         if todo:
             raise RuntimeError(f"identity of {len(todo)} events did not settle in {_MAX_ROUNDS} rounds")
@@ -341,6 +356,14 @@ class Pipeline:
                     pipe.hdel(ProfileKeys(profile_id).ids, str(identifier))
                 await pipe.execute()
         return event_replies, lost
+
+    async def _release_claims(self, claims: list[tuple[Identifier, str]]) -> None:
+        """Delete identifier claims that point at a deleted profile."""
+        sha = await self._script(RELEASE_CLAIM)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for identifier, profile_id in claims:
+                pipe.evalsha(sha, 1, identifier_key(identifier, self.settings.id_hash_key), profile_id)
+            await pipe.execute()
 
     async def _script(self, source: str) -> str:
         sha = self._scripts.get(source)

@@ -130,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("id_or_identifier", metavar="ID_OR_IDENTIFIER")
     get.set_defaults(run=_run_profile_get)
 
+    privacy = commands.add_parser("privacy", help="data-subject requests (docs/privacy.md)")
+    privacy_commands = privacy.add_subparsers(title="privacy commands", metavar="ACTION")
+    for kind, text in (("access", "print everything held about the person as JSON"),
+                       ("delete", "delete every trace of the person; downstream is told on cdp.privacy.events")):
+        command = privacy_commands.add_parser(kind, help=text, description=text + ". Exits 3 when nobody has the identifier.")
+        command.add_argument("identifier", metavar="IDENTIFIER", help="type:value, e.g. email:ann@example.com")
+        command.set_defaults(run=_run_privacy, kind=kind)
+
     segments = commands.add_parser("segments", help="segment definitions (docs/segments.md)")
     segment_commands = segments.add_subparsers(title="segments commands", metavar="ACTION")
     apply = segment_commands.add_parser(
@@ -150,6 +158,32 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("segment_id", metavar="ID")
     delete.set_defaults(run=_run_segments_delete)
     return parser
+
+
+def _run_privacy(args: argparse.Namespace, settings: Settings) -> int:
+    from agents.privacy import PrivacyService
+    from agents.profiles.model import ProfileModel
+    from streams.metrics import Metrics
+    from streams.output import AiokafkaProducer
+    from streams.redis_client import connect
+
+    async def run() -> dict:
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers(), acks="all")
+        await producer.start()
+        client = connect(settings.redis_url)
+        try:
+            service = PrivacyService(client, AiokafkaProducer(producer), Metrics(), ProfileModel.load(settings),
+                                     hash_key=settings.id_hash_key, default_region=settings.phone_default_region)
+            return await service.handle(args.kind, args.identifier)
+        finally:
+            await client.aclose()
+            await producer.stop()
+
+    result = asyncio.run(run())
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    return 0 if result["status"] == "completed" else EXIT_NOT_FOUND
 
 
 def _run_segments_apply(args: argparse.Namespace, settings: Settings) -> int:

@@ -15,8 +15,11 @@ stages together. Routes on ``CDP_WEB_PORT``:
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
+
+import orjson
 
 import faust
 import redis.asyncio as aioredis
@@ -25,6 +28,7 @@ from faust.web import Request, Response, View
 from prometheus_client import generate_latest
 
 from agents.pipeline import Pipeline
+from agents.privacy import PrivacyService
 from agents.profiles.store import lookup_profile
 from schemas.errors import InvalidIdentifier
 from streams.app import create_app, uses_batch_transport
@@ -289,6 +293,31 @@ def _add_routes(app: faust.App, state: WorkerState) -> None:
             if not identifier:
                 return self.json({"error": "query parameter 'identifier' is required, e.g. ?identifier=email:ann@example.com"}, status=400)
             return await _profile_response(self, identifier)
+
+    @app.page("/v1/privacy/requests")
+    class PrivacyView(View):
+        async def post(self, request: Request) -> Response:
+            token = settings.admin_token
+            given = request.headers.get("Authorization", "")
+            if not token:
+                return self.json({"error": "the privacy API is off: set CDP_ADMIN_TOKEN"}, status=403)
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return self.json({"error": "missing or wrong bearer token"}, status=401)
+            try:
+                body = orjson.loads(await request.read())
+                kind, identifier = body["type"], body["identifier"]
+                if not isinstance(kind, str) or not isinstance(identifier, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                return self.json({"error": 'expected {"type": "access" or "delete", "identifier": "type:value"}'}, status=400)
+            pipeline = state.pipeline
+            service = PrivacyService(state.redis, pipeline.producer, state.metrics, pipeline.model,
+                                     hash_key=settings.id_hash_key, default_region=settings.phone_default_region)
+            try:
+                result = await service.handle(kind, identifier)
+            except (InvalidIdentifier, ValueError) as exc:
+                return self.json({"error": str(exc)}, status=400)
+            return self.json(result, status=200 if result["status"] == "completed" else 404)
 
     async def _profile_response(view: View, id_or_identifier: str) -> Response:
         try:

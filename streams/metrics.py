@@ -117,6 +117,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.profiles_deleted = Counter(
+            "cdp_profiles_deleted_total", "Profiles deleted by privacy requests.", registry=r
+        )
         self.segment_transitions = Counter(
             "cdp_segment_transitions_total",
             "Segment membership changes published on cdp.segment-changes, by kind (entered/exited).",
@@ -155,7 +158,7 @@ class Metrics:
             self.dead_letters.labels(reason)
         for kind in ("redelivery", "resend"):
             self.duplicates.labels(kind)
-        for kind in ("claim", "parent", "moved", "segment_rev"):
+        for kind in ("claim", "parent", "moved", "deleted", "segment_rev"):
             self.identity_conflicts.labels(kind)
         for kind in ("entered", "exited"):
             self.segment_transitions.labels(kind)

@@ -33,6 +33,7 @@ the variable.
 | CDP_PROFILE_CONFIG | config/profile.yaml | profile options: history length, sensitive traits |
 | CDP_COMPUTED_TRAITS | config/computed-traits.yaml | computed trait definitions |
 | CDP_SENSITIVE_KEY | (empty) | base64 of a 32-byte AES-256-GCM key: sensitive traits are also kept encrypted |
+| CDP_ADMIN_TOKEN | (empty) | bearer token of the privacy API (POST /v1/privacy/requests); empty: refused |
 | CDP_LOG_FORMAT | text | ``json`` for one JSON object per log line |
 | CDP_LOG_LEVEL | info | crit, error, warn, info, debug |
 """
@@ -135,6 +136,8 @@ class Settings:
     computed_traits: str = ""
     #: Base64 of a 32-byte AES-256-GCM key; when set, sensitive traits are also kept encrypted.
     sensitive_key: str = ""
+    #: Bearer token for the worker's privacy API; empty = the API refuses every request.
+    admin_token: str = ""
     kafka_session_timeout_s: float = 30.0
     #: ``batch`` (streams/batch_transport.py) or ``faust`` (faust's own kafka:// transport).
     kafka_transport: str = "batch"
@@ -176,7 +179,7 @@ class Settings:
             value = getattr(self, field.name)
             if field.name == "redis_url":
                 value = mask_url_password(str(value))
-            elif field.name in ("id_hash_key", "sensitive_key"):
+            elif field.name in ("id_hash_key", "sensitive_key", "admin_token"):
                 value = "***" if value else ""
             shown[field.name] = value
         return shown
@@ -210,6 +213,7 @@ _ENV = {
     "profile_config": ("CDP_PROFILE_CONFIG", str.strip),
     "computed_traits": ("CDP_COMPUTED_TRAITS", str.strip),
     "sensitive_key": ("CDP_SENSITIVE_KEY", str.strip),
+    "admin_token": ("CDP_ADMIN_TOKEN", str.strip),
     "kafka_session_timeout_s": ("CDP_KAFKA_SESSION_TIMEOUT", parse_duration),
     "kafka_transport": ("CDP_KAFKA_TRANSPORT", _choice("batch", "faust")),
     "kafka_fetch_max_wait_ms": ("CDP_KAFKA_FETCH_MAX_WAIT", _milliseconds),

@@ -45,6 +45,8 @@ class Node:
     parent: str | None = None
     identifiers: frozenset[str] = frozenset()
     fold_pending: bool = False
+    # Deleted by a privacy request: only a tombstone is left; it owns nothing.
+    deleted: bool = False
 
 
 @dataclass(frozen=True, slots=True)

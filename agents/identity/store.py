@@ -41,6 +41,7 @@ _MAX_FOLD_HOPS = 16
 
 SET_PARENT = """
 -- KEYS: meta of the absorbed profile. ARGV: survivor, now_ms, identifier, message_id
+if redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then return {0, ''} end
 local parent = redis.call('HGET', KEYS[1], 'merged_into')
 if parent then
   if parent == ARGV[1] then return {1} end
@@ -166,6 +167,14 @@ class IdentityStore:
         if len(self._suspect) < 100_000:
             self._suspect.add(profile_id)
 
+    def forget_profile(self, profile_id: str) -> None:
+        """``profile_id`` was deleted: drop every cached claim and merge naming it."""
+        for identifier in [i for i, p in self._owners.items() if p == profile_id]:
+            del self._owners[identifier]
+        for absorbed in [a for a, p in self._settled.items() if p == profile_id or a == profile_id]:
+            del self._settled[absorbed]
+        self.suspect(profile_id)
+
     def _settled_root(self, profile_id: str) -> str:
         settled = self._settled
         for _ in range(_MAX_FOLD_HOPS):
@@ -250,6 +259,14 @@ class IdentityStore:
             while profile_id in self._settled and profile_id not in nodes:
                 nodes[profile_id] = Node(profile_id, self._settled[profile_id])
                 profile_id = self._settled[profile_id]
+        # A deleted person's profiles own nothing any more (their claims are gone;
+        # these came from caches): their identifiers are free to be claimed again.
+        gone = {p for p, n in nodes.items() if n.deleted}
+        if gone:
+            for profile_id in gone:
+                self.forget_profile(profile_id)
+                del nodes[profile_id]
+            owners = {i: (None if o in gone else o) for i, o in owners.items()}
         pending_folds = [n for n in nodes.values() if n.fold_pending and n.parent]
         return GraphView(owners, nodes), pending_folds
 
@@ -266,12 +283,15 @@ class IdentityStore:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for profile_id in order:
                     keys = ProfileKeys(profile_id)
-                    pipe.hmget(keys.meta, "merged_into", "fold_pending")
+                    pipe.hmget(keys.meta, "merged_into", "fold_pending", "deleted")
                     pipe.hkeys(keys.ids)
                 replies = await pipe.execute()
             wanted = set()
             for index, profile_id in enumerate(order):
-                (parent, pending), ids = replies[2 * index], replies[2 * index + 1]
+                (parent, pending, deleted), ids = replies[2 * index], replies[2 * index + 1]
+                if deleted is not None:
+                    nodes[profile_id] = Node(profile_id, deleted=True)
+                    continue
                 node = Node(
                     profile_id,
                     _text(parent) if parent is not None else None,

@@ -43,8 +43,9 @@ APPLY_EVENT = FUNCTIONS + """
 --       n_traits, (name, json) * n_traits, n_ops, (op, field, group, value, extra) * n_ops,
 --       identifier...
 -- Answers {status, rev[, traits, computed, segments, identifiers]}; a redelivery {2, its seen record}.
-local parent = redis.call('HGET', KEYS[1], 'merged_into')
-if parent then return {5, parent} end
+local head = redis.call('HMGET', KEYS[1], 'merged_into', 'deleted')
+if head[1] then return {5, head[1]} end
+if head[2] then return {6} end
 local seen = redis.call('HGET', KEYS[4], ARGV[6])
 if seen then
   if string.sub(seen, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then return {2, seen} end
@@ -103,6 +104,7 @@ class ApplyStatus(IntEnum):
     RESENT = 3
     APPLIED_NEW = 4
     MOVED = 5  # the profile was merged into another: resolve again and retry there
+    DELETED = 6  # the person's data was deleted (a privacy request): resolve again, as a new person
 
 
 def apply_event_call(
