@@ -337,3 +337,24 @@ async def worker(infra: Settings, redis):
 @pytest.fixture
 def metrics() -> Metrics:
     return Metrics()
+
+
+async def redis_texts(redis) -> list[tuple[bytes, bytes]]:
+    """Every key name and value in the database, as bytes."""
+    found = []
+    async for name in redis.scan_iter(count=1000):
+        kind = (await redis.type(name)).decode()
+        if kind == "string":
+            values = [await redis.get(name)]
+        elif kind == "hash":
+            values = [x for kv in (await redis.hgetall(name)).items() for x in kv]
+        elif kind == "list":
+            values = await redis.lrange(name, 0, -1)
+        elif kind == "set":
+            values = list(await redis.smembers(name))
+        elif kind == "zset":
+            values = [m for m, _ in await redis.zrange(name, 0, -1, withscores=True)]
+        else:
+            values = []
+        found.extend((name, v if isinstance(v, bytes) else str(v).encode()) for v in [name, *values])
+    return found

@@ -18,6 +18,7 @@ from streams.output import AiokafkaProducer
 from streams.records import Record
 from streams.topics import EVENTS_POS, EVENTS_WEB, PRIVACY_EVENTS, SEGMENT_CHANGES
 from tests.conftest import identify, track, unique
+from tests.integration.conftest import redis_texts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -26,27 +27,6 @@ _offsets = iter(range(60_000_000, 70_000_000))
 
 def record(event: dict, topic: str = EVENTS_WEB) -> Record:
     return Record(topic, 0, next(_offsets), None, orjson.dumps(event), int(time.time() * 1000))
-
-
-async def redis_texts(redis) -> list[tuple[bytes, bytes]]:
-    """Every key name and value in the database, as bytes."""
-    found = []
-    async for name in redis.scan_iter(count=1000):
-        kind = (await redis.type(name)).decode()
-        if kind == "string":
-            values = [await redis.get(name)]
-        elif kind == "hash":
-            values = [x for kv in (await redis.hgetall(name)).items() for x in kv]
-        elif kind == "list":
-            values = await redis.lrange(name, 0, -1)
-        elif kind == "set":
-            values = list(await redis.smembers(name))
-        elif kind == "zset":
-            values = [m for m, _ in await redis.zrange(name, 0, -1, withscores=True)]
-        else:
-            values = []
-        found.extend((name, v if isinstance(v, bytes) else str(v).encode()) for v in [name, *values])
-    return found
 
 
 async def test_access_then_delete_leaves_no_trace(infra, redis, producer, metrics, topic_reader):

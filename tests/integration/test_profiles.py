@@ -23,7 +23,7 @@ from streams.output import AiokafkaProducer
 from streams.records import Record
 from streams.topics import EVENTS_POS, EVENTS_WEB
 from tests.conftest import identify, track, unique
-from tests.integration.conftest import ROOT, http_get
+from tests.integration.conftest import ROOT, http_get, redis_texts
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -195,24 +195,8 @@ async def test_sensitive_traits_never_reach_redis_in_clear_text(infra, redis, pr
     # The person is found by the passport as an identifier, through its keyed hash.
     assert (await profile_of(redis, f"passport:{secrets['passport']}", model=model))["id"] == profile["id"]
     # No clear-text copy anywhere in Redis (this test's database holds other tests' data too).
-    found = []
-    async for name in redis.scan_iter(count=1000):
-        kind = (await redis.type(name)).decode()
-        if kind == "string":
-            values = [await redis.get(name)]
-        elif kind == "hash":
-            values = [x for kv in (await redis.hgetall(name)).items() for x in kv]
-        elif kind == "list":
-            values = await redis.lrange(name, 0, -1)
-        elif kind == "set":
-            values = list(await redis.smembers(name))
-        elif kind == "zset":
-            values = [m for m, _ in await redis.zrange(name, 0, -1, withscores=True)]
-        else:
-            values = []
-        for value in [name, *values]:
-            text = value if isinstance(value, bytes) else str(value).encode()
-            found += [(name, s) for s in secrets.values() if s.encode() in text]
+    found = [(name, secret) for name, value in await redis_texts(redis)
+             for secret in secrets.values() if secret.encode() in value]
     assert found == []
 
 
