@@ -120,3 +120,47 @@ async def test_privacy_cli_and_http_api_need_their_token(worker, infra, producer
     with pytest.raises(urllib.error.HTTPError) as refused:
         await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
     assert refused.value.code == 403
+
+
+async def test_privacy_http_api_with_the_token(infra, producer, monkeypatch):
+    import asyncio
+    import dataclasses
+    import urllib.error
+    import urllib.request
+
+    from tests.integration.conftest import WorkerProcess, start_group_at_end
+
+    settings = dataclasses.replace(infra, app_id=unique("streamcdp-privacy"))
+    monkeypatch.setenv("CDP_ADMIN_TOKEN", "s3cret-admin-token")
+    await start_group_at_end(settings, settings.app_id)
+    worker = WorkerProcess(settings, "worker-privacy")
+    worker.start()
+    try:
+        await worker.wait_ready()
+        email = f"{unique('http')}@example.com"
+        await producer.send_and_wait(EVENTS_WEB, orjson.dumps(identify(traits={"email": email})))
+
+        def post(body: dict, token: str) -> tuple[int, dict]:
+            request = urllib.request.Request(f"{worker.url}/v1/privacy/requests", method="POST", data=orjson.dumps(body),
+                                             headers={"Authorization": f"Bearer {token}"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    return answer.status, orjson.loads(answer.read())
+            except urllib.error.HTTPError as error:
+                return error.code, orjson.loads(error.read())
+
+        assert (await asyncio.to_thread(post, {"type": "access", "identifier": f"email:{email}"}, "wrong"))[0] == 401
+        assert (await asyncio.to_thread(post, {"type": "erase"}, "s3cret-admin-token"))[0] == 400
+        status, body = 0, {}
+        for _ in range(50):
+            status, body = await asyncio.to_thread(post, {"type": "access", "identifier": f"email:{email}"}, "s3cret-admin-token")
+            if status == 200:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 200 and body["profile"]["identifiers"]
+        status, body = await asyncio.to_thread(post, {"type": "delete", "identifier": f"email:{email}"}, "s3cret-admin-token")
+        assert status == 200 and body["status"] == "completed"
+        status, body = await asyncio.to_thread(post, {"type": "delete", "identifier": f"email:{email}"}, "s3cret-admin-token")
+        assert status == 404 and body["status"] == "not_found"
+    finally:
+        worker.stop()
