@@ -186,20 +186,20 @@ class Pipeline:
         return total
 
     def _protect_identifiers(self, accepted: list[Accepted]) -> list[Accepted]:
-        """Identifiers of a sensitive type (an externalIds entry of type national_id,
-        say) are linked and stored by their keyed hash only."""
+        """Screen each record once for sensitive names (the answer rides on the
+        Accepted for the later steps); identifiers of a sensitive type (an
+        externalIds entry of type national_id, say) are linked and stored by their
+        keyed hash only."""
         sensitive = self.model.sensitive
         protect = sensitive.protect_identifier
-        out = accepted
-        for index, item in enumerate(accepted):
+        out = []
+        for item in accepted:
             if not sensitive.might_contain(item.record.value):
+                out.append(Accepted(item.record, item.event, False))
                 continue
             identifiers = item.event.identifiers
             protected = tuple(protect(i) for i in identifiers)
-            if protected != identifiers:
-                if out is accepted:
-                    out = list(accepted)
-                out[index] = Accepted(item.record, replace(item.event, identifiers=protected))
+            out.append(item if protected == identifiers else Accepted(item.record, replace(item.event, identifiers=protected)))
         return out
 
     async def _resolve_and_apply(
@@ -321,7 +321,7 @@ class Pipeline:
                 keys, args = apply_event_call(
                     item.event, plan.profile_id, item.record.origin, plan.keeps,
                     model=self.model, dedupe_ttl_s=self._dedupe_ttl_s, now_ms=now_ms,
-                    plain=not self.model.sensitive.might_contain(item.record.value),
+                    plain=not item.sensitive_possible,
                     extra_ops=extra_ops, want_state=want_state,
                     match_record=record.to_json() if record is not None else b"",
                 )
@@ -413,7 +413,7 @@ def resolved_message(item: Accepted, profile_id: str, sensitive: SensitivePolicy
     """The accepted event, republished with its profile id, keyed by profile id;
     sensitive traits and properties are replaced by their protected form."""
     payload = item.event.payload
-    if sensitive.might_contain(item.record.value):
+    if item.sensitive_possible:
         payload = sensitive.redact(payload)
     event: Event = item.event
     record = item.record

@@ -30,7 +30,7 @@ from agents.identity.fuzzy import MatchRecord
 from agents.identity.matching import MatchStore
 from agents.profiles.model import ProfileModel
 from agents.profiles.store import find_profile_id, read_profile, root_of
-from agents.segments.engine import EXITED, State, Transition, change_message
+from agents.segments.engine import membership_exits
 from agents.segments.store import due_key
 from schemas.events import Identifier
 from schemas.identifiers import parse_identifier
@@ -38,6 +38,7 @@ from streams.keys import ProfileKeys, identifier_digest, identifier_key
 from streams.output import deliver
 from streams.records import OutboundMessage
 from streams.topics import PRIVACY_EVENTS
+from streams.texts import iso_ms, text
 
 audit = logging.getLogger("streamcdp.audit")
 
@@ -65,7 +66,7 @@ class PrivacyService:
         profile_id = await root_of(self.redis, owner) if owner else None
         result = {
             "type": "cdp.privacy.request.completed", "id": request_id, "request": kind,
-            "identifierType": identifier.type, "identifierHash": digest, "time": _iso(now_ms),
+            "identifierType": identifier.type, "identifierHash": digest, "time": iso_ms(now_ms),
             "status": "not_found", "profileId": profile_id,
         }
         document = None
@@ -98,8 +99,8 @@ class PrivacyService:
             meta, ids, folded, match, segments = await pipe.execute()
         if not meta or b"created_at" not in meta:
             return None
-        identifiers = sorted(_text(i) for i in ids)
-        absorbed = sorted(_text(p) for p in folded)
+        identifiers = sorted(text(i) for i in ids)
+        absorbed = sorted(text(p) for p in folded)
         matching = MatchStore(self.redis, self.hash_key)
         block_keys: set[str] = set()
         for raw in match:
@@ -108,16 +109,13 @@ class PrivacyService:
             except ValueError:
                 continue
         # Exits for the memberships, before the keys go (same ids on a retry).
-        state = State(profile_id, "", {}, {}, {_text(k): _text(v) for k, v in segments.items()}, [])
-        exits = []
-        for segment_id, value in sorted(state.segments.items()):
-            version = int(value.split("|", 1)[0] or 0)
-            transition = Transition(profile_id, segment_id, version, EXITED, f"deleted:{profile_id}", None)
-            exits.append(change_message(transition, None, state, now_ms))
+        exits = membership_exits(
+            profile_id, {text(k): text(v) for k, v in segments.items()}, [], f"deleted:{profile_id}", now_ms, self.metrics
+        )
         notice = {
             "type": "cdp.profile.deleted",
             "id": "deleted-" + blake2b(profile_id.encode(), digest_size=12).hexdigest(),
-            "time": _iso(now_ms),
+            "time": iso_ms(now_ms),
             "profileId": profile_id,
             "absorbedIds": absorbed,
             # Downstream systems find the person by these; the topic needs the ACLs
@@ -126,8 +124,8 @@ class PrivacyService:
         }
         await deliver(self.producer, exits + [OutboundMessage(PRIVACY_EVENTS, profile_id.encode(), orjson.dumps(notice))], self.metrics)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for text in identifiers:
-                kind, _, value = text.partition(":")
+            for stored in identifiers:
+                kind, _, value = stored.partition(":")
                 pipe.delete(identifier_key(Identifier(kind, value), self.hash_key))
             for key in block_keys:
                 pipe.srem(key, profile_id, *absorbed)
@@ -139,13 +137,3 @@ class PrivacyService:
             await pipe.execute()
         self.metrics.profiles_deleted.inc()
         return {"absorbedIds": absorbed}
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _iso(ms: int) -> str:
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from hashlib import blake2b
 
 from agents.identity.fuzzy import MatchRecord, blocking_keys
+from streams.texts import text
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ def block_key(blocking_key: str, hash_key: str) -> str:
     return BLOCK_KEY % digest.hexdigest()
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def rank_candidates(members: Sequence[Sequence[bytes | str]], limit: int) -> list[str]:
     """Profile ids from a record's blocks, most shared keys first, then by id; at most ``limit``.
 
@@ -78,7 +75,7 @@ def rank_candidates(members: Sequence[Sequence[bytes | str]], limit: int) -> lis
     """
     shared: Counter = Counter()
     for block in members:
-        shared.update({_text(m) for m in block})
+        shared.update({text(m) for m in block})
     ranked = sorted(shared.items(), key=lambda item: (-item[1], item[0]))
     return [profile_id for profile_id, _ in ranked[:limit]]
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from hashlib import blake2b
 
 import orjson
@@ -35,6 +34,7 @@ from schemas.events import Event, Identifier
 from streams.keys import ProfileKeys, identifier_key
 from streams.records import OutboundMessage
 from streams.topics import IDENTITY_MERGES
+from streams.texts import iso_ms, text
 
 _MAX_CHAIN_ROUNDS = 16
 _MAX_FOLD_HOPS = 16
@@ -126,15 +126,6 @@ class AbsorbedState:
     folded: list[str]
     merges: list[bytes]
     match: list[bytes]
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def iso(ms: int | str) -> str:
-    moment = datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class IdentityStore:
@@ -241,7 +232,7 @@ class IdentityStore:
                     pipe.get(identifier_key(identifier, self.hash_key))
                 values = await pipe.execute()
             for identifier, value in zip(lookup, values):
-                owner = owners[identifier] = _text(value) if value is not None else None
+                owner = owners[identifier] = text(value) if value is not None else None
                 if owner is not None:
                     self.remember_owner(identifier, owner)
         # Profiles are read only for the events that may claim, merge or be refused.
@@ -294,9 +285,9 @@ class IdentityStore:
                     continue
                 node = Node(
                     profile_id,
-                    _text(parent) if parent is not None else None,
-                    frozenset(_text(i) for i in ids),
-                    pending is not None and _text(pending) == "1",
+                    text(parent) if parent is not None else None,
+                    frozenset(text(i) for i in ids),
+                    pending is not None and text(pending) == "1",
                 )
                 nodes[profile_id] = node
                 self._suspect.discard(profile_id)
@@ -333,13 +324,13 @@ class IdentityStore:
         states = []
         for index, profile_id in enumerate(profile_ids):
             meta, traits, ids, seen, computed, history, folded, merges, match = replies[9 * index: 9 * index + 9]
-            meta = {_text(k): _text(v) for k, v in meta.items()}
+            meta = {text(k): text(v) for k, v in meta.items()}
             states.append(
                 AbsorbedState(
                     profile_id, meta.get("merged_into", ""), meta,
-                    {_text(k): v for k, v in traits.items()}, {_text(k): v for k, v in ids.items()},
-                    {_text(k): v for k, v in seen.items()}, {_text(k): v for k, v in computed.items()},
-                    list(history), sorted(_text(f) for f in folded), list(merges), sorted(match),
+                    {text(k): v for k, v in traits.items()}, {text(k): v for k, v in ids.items()},
+                    {text(k): v for k, v in seen.items()}, {text(k): v for k, v in computed.items()},
+                    list(history), sorted(text(f) for f in folded), list(merges), sorted(match),
                 )
             )
         return states
@@ -354,7 +345,7 @@ class IdentityStore:
                 pipe.evalsha(sha, 9, keys.meta, keys.traits, keys.ids, keys.seen, keys.computed, keys.history,
                              keys.folded, keys.merges, keys.match, *args)
             replies = await pipe.execute()
-        return [(int(r[0]), _text(r[1]) if len(r) > 1 else None) for r in replies]
+        return [(int(r[0]), text(r[1]) if len(r) > 1 else None) for r in replies]
 
     async def cleanup(self, profile_ids: Sequence[str], now_ms: int) -> None:
         sha = await self._script(CLEANUP)
@@ -374,7 +365,7 @@ def merge_record(state: AbsorbedState, survivor: str) -> dict:
     return {
         "type": "cdp.profile.merged",
         "id": "merge-" + blake2b(f"{state.profile_id}>{state.parent}".encode(), digest_size=12).hexdigest(),
-        "time": iso(merged_at),
+        "time": iso_ms(merged_at),
         "absorbedId": state.profile_id,
         "survivorId": survivor,
         "identifier": meta.get("merge_identifier"),
@@ -422,7 +413,7 @@ def blocked_message(blocked, now_ms: int) -> OutboundMessage:
     record = {
         "type": "cdp.profile.merge_blocked",
         "id": "blocked-" + blake2b(f"{blocked.message_id}|{blocked.identifier}".encode(), digest_size=12).hexdigest(),
-        "time": iso(now_ms),
+        "time": iso_ms(now_ms),
         "profileId": blocked.profile_id,
         "otherProfileId": blocked.owner,
         "identifier": blocked.identifier,

@@ -27,6 +27,9 @@ PROCESSING_ERROR = "processing_error"
 class Accepted:
     record: Record
     event: Event
+    # False once the pipeline's byte screen found no sensitive name in the record
+    # (SensitivePolicy.might_contain): later steps then skip the protection walk.
+    sensitive_possible: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,6 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
@@ -42,6 +41,7 @@ import orjson
 from schemas.errors import ConfigError
 from schemas.events import Event
 from streams.config_files import load_document
+from streams.texts import iso_ms
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "config" / "computed-traits.yaml"
 AGGREGATES = ("count", "sum", "avg", "min", "max", "first", "last", "distinct", "rfm")
@@ -411,7 +411,7 @@ def _present_one(trait: ComputedTrait, stored: _Stored, now_ms: int):
         times = stored.get("at" + kind, name)
         for group, value in stored.get(kind, name).items():
             ts = times.get(group)
-            out[group] = {"value": orjson.loads(value), "at": _iso(int(ts)) if ts is not None else None}
+            out[group] = {"value": orjson.loads(value), "at": iso_ms(int(ts)) if ts is not None else None}
         return shape(out, None)
     if kind == "distinct":
         raw = stored.get("set", name).get("")
@@ -434,10 +434,6 @@ def _buckets(raw: str) -> list[tuple[int, float]]:
             bucket, _, amount = part.partition("=")
             out.append((int(bucket), float(amount)))
     return out
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_window(text: object, where: str) -> int:

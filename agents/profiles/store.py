@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from enum import IntEnum
 
 import orjson
@@ -34,6 +33,7 @@ from agents.profiles.model import CONSENT_PREFIX, ProfileModel, unflatten
 from schemas.events import Event, Identifier
 from schemas.identifiers import parse_identifier
 from streams.keys import ProfileKeys, identifier_key, message_field, origin_digest
+from streams.texts import iso_ms, text
 
 APPLY_EVENT = FUNCTIONS + """
 -- KEYS: meta, traits, ids, seen, computed, history, match, segments
@@ -166,7 +166,7 @@ async def root_of(redis, profile_id: str, max_hops: int = 64) -> str:
         parent = await redis.hget(ProfileKeys(profile_id).meta, "merged_into")
         if parent is None:
             return profile_id
-        profile_id = _text(parent)
+        profile_id = text(parent)
     raise RuntimeError(f"merge chain longer than {max_hops} hops at {profile_id}")
 
 
@@ -188,33 +188,33 @@ async def read_profile(redis, profile_id: str, model: ProfileModel | None = None
         meta, stored_traits, ids, computed, history, segments, merges = await pipe.execute()
     if not meta or b"created_at" not in meta:
         return None
-    meta = {_text(k): _text(v) for k, v in meta.items()}
+    meta = {text(k): text(v) for k, v in meta.items()}
     traits: dict[str, tuple[int, object]] = {}
     consent: dict[str, dict] = {}
     for name, raw in stored_traits.items():
-        name = _text(name)
+        name = text(name)
         at, _, value = raw.partition(b"|")
         if name.startswith(CONSENT_PREFIX):
             granted, message_id, channel = orjson.loads(value)
-            consent[name[len(CONSENT_PREFIX):]] = {"granted": granted, "at": _iso(at), "messageId": message_id, "channel": channel}
+            consent[name[len(CONSENT_PREFIX):]] = {"granted": granted, "at": iso_ms(at), "messageId": message_id, "channel": channel}
         else:
             traits[name] = (int(at), orjson.loads(value))
     origins = {}
     for identifier, raw in sorted(ids.items()):
-        at, channel, message_id = _text(raw).split("|", 2)
-        origins[_text(identifier)] = {"messageId": message_id, "channel": channel, "at": _iso(at)}
+        at, channel, message_id = text(raw).split("|", 2)
+        origins[text(identifier)] = {"messageId": message_id, "channel": channel, "at": iso_ms(at)}
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     return {
         "id": profile_id,
         "identifiers": sorted(origins),
         "traits": unflatten(traits),
-        "computedTraits": model.computed.present({_text(k): _text(v) for k, v in computed.items()}, now_ms),
+        "computedTraits": model.computed.present({text(k): text(v) for k, v in computed.items()}, now_ms),
         "consent": dict(sorted(consent.items())),
-        "segments": sorted(_text(s) for s in segments),
-        "createdAt": _iso(meta.get("created_at")),
-        "updatedAt": _iso(meta.get("updated_at")),
-        "firstSeen": _iso(meta.get("first_seen")),
-        "lastSeen": _iso(meta.get("last_seen")),
+        "segments": sorted(text(s) for s in segments),
+        "createdAt": iso_ms(meta.get("created_at")),
+        "updatedAt": iso_ms(meta.get("updated_at")),
+        "firstSeen": iso_ms(meta.get("first_seen")),
+        "lastSeen": iso_ms(meta.get("last_seen")),
         "eventCount": _int(meta.get("event_count")) or 0,
         "recentEvents": [history_item(entry) for entry in history],
         "identifierOrigins": origins,
@@ -233,24 +233,13 @@ def default_model() -> ProfileModel:
 def history_item(entry: bytes) -> dict:
     at, _, body = entry.partition(b"|")
     item = orjson.loads(body)
-    item["timestamp"] = _iso(at)
+    item["timestamp"] = iso_ms(at)
     return item
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _int(value: str | None) -> int | None:
     return int(value) if value is not None else None
 
-
-def _iso(ms: str | bytes | None) -> str | None:
-    """Milliseconds since the epoch as ISO 8601 UTC with milliseconds."""
-    if ms is None:
-        return None
-    moment = datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import orjson
 
@@ -39,6 +38,7 @@ from streams.keys import ProfileKeys, message_field
 from streams.metrics import Metrics
 from streams.records import OutboundMessage
 from streams.topics import SEGMENT_CHANGES
+from streams.texts import iso_ms, text
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ class State:
     @classmethod
     def from_reply(cls, profile_id: str, rev, traits, computed, segments, identifiers) -> "State":
         return cls(
-            profile_id, _text(rev), _pairs(traits, raw=True), _pairs(computed), _pairs(segments),
-            sorted(_text(i) for i in identifiers),
+            profile_id, text(rev), _pairs(traits, raw=True), _pairs(computed), _pairs(segments),
+            sorted(text(i) for i in identifiers),
         )
 
 
@@ -130,7 +130,7 @@ class SegmentEngine:
             status = int(reply[0])
             event = item.event
             if status == 2:  # redelivered: publish what its record says it caused
-                replay.append((event, profile_id, _text(reply[1])))
+                replay.append((event, profile_id, text(reply[1])))
                 continue
             if len(reply) < 6:
                 continue  # no segment is affected by it
@@ -284,14 +284,9 @@ class SegmentEngine:
         out = []
         for index, profile_id in enumerate(absorbed):
             memberships, ids = replies[2 * index], replies[2 * index + 1]
-            if not memberships:
-                continue
-            state = State(profile_id, "", {}, {}, _pairs(memberships), sorted(_text(i) for i in ids))
-            for segment_id, value in sorted(state.segments.items()):
-                version = int(value.split("|", 1)[0] or 0)
-                transition = Transition(profile_id, segment_id, version, EXITED, f"merge:{profile_id}", None)
-                self.metrics.segment_transitions.labels("exited").inc()
-                out.append(change_message(transition, None, state, now_ms))
+            out.extend(membership_exits(
+                profile_id, _pairs(memberships), sorted(text(i) for i in ids), f"merge:{profile_id}", now_ms, self.metrics
+            ))
         return out
 
     def _conditions_by_id(self) -> dict:
@@ -313,7 +308,7 @@ class SegmentEngine:
             replies = await pipe.execute()
         out = {}
         for profile_id, (rev, parent, traits, computed, segments, ids, created) in zip(profile_ids, replies):
-            if _text(parent) or not _text(created):
+            if text(parent) or not text(created):
                 continue
             out[profile_id] = State.from_reply(profile_id, rev, traits, computed, segments, ids)
         return out
@@ -365,7 +360,7 @@ class SegmentEngine:
             for shard in range(DUE_SHARDS):
                 pipe.evalsha(claim, 1, DUE_KEY % shard, now_ms, lease, limit)
             claimed = await pipe.execute()
-        profile_ids = sorted({_text(p) for shard in claimed for p in shard})
+        profile_ids = sorted({text(p) for shard in claimed for p in shard})
         if not profile_ids:
             return []
         messages = await self.evaluate_profiles(profile_ids, None, f"expiry:{now_ms}", now_ms)
@@ -405,6 +400,20 @@ class _Cause:
 
     def __init__(self, cause: str) -> None:
         self.message_id = cause
+
+
+def membership_exits(profile_id: str, memberships: dict[str, str], identifiers: list[str], cause: str, now_ms: int,
+                     metrics: Metrics) -> list[OutboundMessage]:
+    """An exited change event for each of a profile's memberships (segment id →
+    "version|entered ms|cause"), caused by ``cause`` (a merge or a deletion), not by
+    an event."""
+    state = State(profile_id, "", {}, {}, memberships, identifiers)
+    out = []
+    for segment_id, value in sorted(memberships.items()):
+        version = int(value.split("|", 1)[0] or 0)
+        metrics.segment_transitions.labels("exited").inc()
+        out.append(change_message(Transition(profile_id, segment_id, version, EXITED, cause, None), None, state, now_ms))
+    return out
 
 
 def next_due(computed: dict[str, str], conditions: dict, now_ms: int) -> int | None:
@@ -480,7 +489,7 @@ def change_message(transition: Transition, segment, state: State | None, now_ms:
         "source": "streamcdp/segments",
         "type": transition.kind,
         "subject": transition.profile_id,
-        "time": _iso(now_ms),
+        "time": iso_ms(now_ms),
         "datacontenttype": "application/json",
         "data": {
             "segmentId": transition.segment_id,
@@ -510,12 +519,4 @@ def _pairs(flat, raw: bool = False) -> dict:
         items = flat.items()
     else:
         items = zip(flat[::2], flat[1::2])
-    return {_text(k): (v if raw else _text(v)) for k, v in items}
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {text(k): (v if raw else text(v)) for k, v in items}

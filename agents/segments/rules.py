@@ -41,7 +41,8 @@ from hashlib import blake2b
 
 import orjson
 
-from agents.profiles.computed import ComputedTraits, _numeric, event_name, resolve
+# _descend: the walk of agents.profiles.computed.resolve (through lists, None is absent).
+from agents.profiles.computed import ComputedTraits, _descend, _numeric, event_name, resolve
 from schemas.errors import ConfigError
 from schemas.events import Event
 
@@ -128,17 +129,6 @@ def _as_number(value) -> float | None:
     if kind is str:
         return _to_number(value)
     return None
-
-
-def _descend(value, part: str, into: list) -> None:
-    # The walk of agents.profiles.computed.resolve: through lists, None is absent.
-    if isinstance(value, dict):
-        child = value.get(part)
-        if child is not None:
-            into.append(child)
-    elif isinstance(value, list):
-        for item in value:
-            _descend(item, part, into)
 
 
 def _walk(root, path: tuple[str, ...]) -> list:
