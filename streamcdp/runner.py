@@ -7,7 +7,7 @@ import logging
 
 from streams.logs import logging_config
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.topics import all_topics, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,10 @@ def run_worker(settings: Settings) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     # faust ignores a source topic that does not exist: create them before it starts.
-    asyncio.run(ensure_topics(settings))
+    from agents.activation.destinations import Destinations
+
+    activation = tuple(Destinations.load(settings.destinations or None).topics())
+    asyncio.run(ensure_topics(settings, all_topics(activation)))
     app, _state = build_worker_app(settings)
     worker = faust.Worker(
         app,

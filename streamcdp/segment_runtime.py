@@ -14,6 +14,7 @@ import time
 
 from agents.profiles.computed import ComputedTraits
 from agents.segments.backfill import backfill
+from agents.activation.destinations import Destinations
 from agents.segments.registry import SegmentRegistry
 from streams import segment_definitions
 from streams.output import deliver
@@ -28,7 +29,9 @@ BACKFILL_CHECK_EVERY_S = 30.0
 class SegmentRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = SegmentRegistry(ComputedTraits.load(settings.computed_traits or None))
+        self.registry = SegmentRegistry(
+            ComputedTraits.load(settings.computed_traits or None), Destinations.load(settings.destinations or None)
+        )
         self.registry.listen(self._changed)
         self._pipeline = None
         self._backfills: dict[str, asyncio.Task] = {}

@@ -140,6 +140,29 @@ class Metrics:
         self.segments_defined = Gauge(
             "cdp_segments_defined", "Segments this worker knows from cdp.segment-definitions.", registry=r
         )
+        self.activations = Counter(
+            "cdp_activations_total",
+            "Entered/exited messages sent to a destination's cdp.activations.<destination> topic.",
+            ["destination", "kind"],
+            registry=r,
+        )
+        self.activations_blocked = Counter(
+            "cdp_activations_consent_blocked_total",
+            "Segment entries not sent to a destination because the profile's consent does not cover its purpose.",
+            ["destination"],
+            registry=r,
+        )
+        self.events_suppressed = Counter(
+            "cdp_events_suppressed_total",
+            "Events dropped before anything was stored because an identifier is on the suppression list.",
+            registry=r,
+        )
+        self.privacy_requests = Counter(
+            "cdp_privacy_requests_total",
+            "Privacy requests answered, by kind (access/delete/suppress) and status (completed/not_found).",
+            ["kind", "status"],
+            registry=r,
+        )
         self.up = Gauge("cdp_worker_ready", "1 while the worker is ready to process events.", registry=r)
         self._precreate()
 
@@ -162,6 +185,9 @@ class Metrics:
             self.identity_conflicts.labels(kind)
         for kind in ("entered", "exited"):
             self.segment_transitions.labels(kind)
+        for kind in ("access", "delete", "suppress"):
+            for status in ("completed", "not_found"):
+                self.privacy_requests.labels(kind, status)
         for stage in ("ingest", "identity", "profile", "segments", "output"):
             self.stage_latency.labels(stage)
         for op in ("identity", "profile", "segments"):

@@ -32,6 +32,7 @@ the variable.
 | CDP_MATCHING_CONFIG | config/matching.yaml | fuzzy matching model: field weights and threshold |
 | CDP_PROFILE_CONFIG | config/profile.yaml | profile options: history length, sensitive traits |
 | CDP_COMPUTED_TRAITS | config/computed-traits.yaml | computed trait definitions |
+| CDP_DESTINATIONS | config/destinations.yaml | activation destinations: consent purposes, what each may receive |
 | CDP_SENSITIVE_KEY | (empty) | base64 of a 32-byte AES-256-GCM key: sensitive traits are also kept encrypted |
 | CDP_ADMIN_TOKEN | (empty) | bearer token of the privacy API (POST /v1/privacy/requests); empty: refused |
 | CDP_LOG_FORMAT | text | ``json`` for one JSON object per log line |
@@ -134,6 +135,8 @@ class Settings:
     profile_config: str = ""
     #: Computed trait definitions: YAML; "" = the shipped config/computed-traits.yaml.
     computed_traits: str = ""
+    #: Activation destinations: YAML; "" = the shipped config/destinations.yaml.
+    destinations: str = ""
     #: Base64 of a 32-byte AES-256-GCM key; when set, sensitive traits are also kept encrypted.
     sensitive_key: str = ""
     #: Bearer token for the worker's privacy API; empty = the API refuses every request.
@@ -212,6 +215,7 @@ _ENV = {
     "matching_config": ("CDP_MATCHING_CONFIG", str.strip),
     "profile_config": ("CDP_PROFILE_CONFIG", str.strip),
     "computed_traits": ("CDP_COMPUTED_TRAITS", str.strip),
+    "destinations": ("CDP_DESTINATIONS", str.strip),
     "sensitive_key": ("CDP_SENSITIVE_KEY", str.strip),
     "admin_token": ("CDP_ADMIN_TOKEN", str.strip),
     "kafka_session_timeout_s": ("CDP_KAFKA_SESSION_TIMEOUT", parse_duration),

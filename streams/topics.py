@@ -57,7 +57,9 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
-def all_topics() -> tuple[TopicSpec, ...]:
+def all_topics(activation_topics: tuple[str, ...] = ()) -> tuple[TopicSpec, ...]:
+    """Every topic; ``activation_topics``: the configured destinations' topics
+    (``cdp.activations.<name>``, docs/activation.md)."""
     return (
         *(TopicSpec(name) for name in INBOUND),
         TopicSpec(DEAD_LETTER, config={"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)}),
@@ -66,6 +68,7 @@ def all_topics() -> tuple[TopicSpec, ...]:
         TopicSpec(SEGMENT_CHANGES),
         TopicSpec(SEGMENT_DEFINITIONS, compacted=True),
         TopicSpec(PRIVACY_EVENTS),
+        *(TopicSpec(name) for name in activation_topics),
     )
 
 

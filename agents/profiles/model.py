@@ -8,6 +8,8 @@ Options come from ``config/profile.yaml`` (or the file ``CDP_PROFILE_CONFIG`` na
       max_properties_bytes: 512  # larger properties are left out of the entry
     sensitive:
       traits: [national_id, passport, ...]   # never stored in clear text
+    consent:
+      traits: {email_opt_in: marketing}      # identify trait → consent purpose
 
 and the computed traits from ``config/computed-traits.yaml`` (``CDP_COMPUTED_TRAITS``).
 """
@@ -40,6 +42,8 @@ class ProfileModel:
     sensitive: SensitivePolicy
     history_length: int = 20
     history_properties_bytes: int = 512
+    # Identify traits that record a consent choice (true/false): trait name → purpose.
+    consent_traits: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def load(cls, settings) -> "ProfileModel":
@@ -56,8 +60,8 @@ class ProfileModel:
         cls, document: object, computed: ComputedTraits, *, hash_key: str = "", encryption_key_b64: str = "",
         source: str = "profile options",
     ) -> "ProfileModel":
-        if not isinstance(document, Mapping) or set(document) - {"history", "sensitive"}:
-            raise ConfigError(f"{source}: expected a mapping with the keys history and/or sensitive")
+        if not isinstance(document, Mapping) or set(document) - {"history", "sensitive", "consent"}:
+            raise ConfigError(f"{source}: expected a mapping with the keys history, sensitive and/or consent")
         history = document.get("history") or {}
         if not isinstance(history, Mapping) or set(history) - {"length", "max_properties_bytes"}:
             raise ConfigError(f"{source}: history: expected a mapping with length and/or max_properties_bytes")
@@ -80,7 +84,7 @@ class ProfileModel:
                     )
                 if trait.per is path and any(sensitive.is_sensitive(part) for part in path):
                     raise ConfigError(f"computed trait {trait.name}: per {'.'.join(path)} would store sensitive values as group names")
-        return cls(computed, sensitive, length, size)
+        return cls(computed, sensitive, length, size, _consent_traits(document.get("consent"), f"{source}: consent"))
 
     def traits_of(self, event: Event, *, plain: bool = False) -> list[tuple[str, bytes]]:
         """The event's traits by dotted path (``address.city``), sensitive ones
@@ -89,14 +93,28 @@ class ProfileModel:
         out: list[tuple[str, bytes]] = []
         if event.traits:
             _flatten(event.traits if plain else self.sensitive.protect_traits(event.traits), "", out)
+        for purpose, granted in self.consent_of(event):
+            out.append((CONSENT_PREFIX + purpose, orjson.dumps([granted, event.message_id, event.channel])))
+        return out
+
+    def consent_of(self, event: Event) -> list[tuple[str, bool]]:
+        """The consent choices an event records: ``context.consent.categoryPreferences``
+        and, on identify events, the traits ``consent.traits`` maps to a purpose
+        (where both name a purpose, the categoryPreferences entry wins)."""
+        found: dict[str, bool] = {}
+        if self.consent_traits and event.type == "identify" and event.traits:
+            for trait, purpose in self.consent_traits:
+                granted = event.traits.get(trait)
+                if isinstance(granted, bool):
+                    found[purpose] = granted
         consent = event.context.get("consent") if event.context else None
         if isinstance(consent, dict):
             preferences = consent.get("categoryPreferences")
             if isinstance(preferences, dict):
                 for purpose, granted in preferences.items():
                     if isinstance(granted, bool) and _valid_purpose(purpose):
-                        out.append((CONSENT_PREFIX + purpose, orjson.dumps([granted, event.message_id, event.channel])))
-        return out
+                        found[purpose] = granted
+        return list(found.items())
 
     def history_entry(self, event: Event, *, plain: bool = False) -> bytes:
         """``"<event ms>|<JSON>"``, or b"" when history is off."""
@@ -118,6 +136,22 @@ def _flatten(traits: dict, prefix: str, out: list) -> None:
             _flatten(value, f"{prefix}{name}.", out)
         else:
             out.append((prefix + name, orjson.dumps(value)))
+
+
+def _consent_traits(raw: object, at: str) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping) or set(raw) - {"traits"}:
+        raise ConfigError(f"{at}: expected a mapping with the key traits (identify trait → consent purpose)")
+    traits = raw.get("traits") or {}
+    if not isinstance(traits, Mapping):
+        raise ConfigError(f"{at}.traits: expected identify trait name → consent purpose, e.g. {{email_opt_in: marketing}}")
+    out = []
+    for trait, purpose in traits.items():
+        if not isinstance(trait, str) or not trait or not isinstance(purpose, str) or not _valid_purpose(purpose):
+            raise ConfigError(f"{at}.traits.{trait}: expected a purpose name (1-{_MAX_PURPOSE} printable characters, no '|')")
+        out.append((trait, purpose))
+    return tuple(out)
 
 
 def _valid_purpose(purpose: str) -> bool:

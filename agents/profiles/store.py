@@ -210,7 +210,9 @@ async def read_profile(redis, profile_id: str, model: ProfileModel | None = None
         "traits": unflatten(traits),
         "computedTraits": model.computed.present({text(k): text(v) for k, v in computed.items()}, now_ms),
         "consent": dict(sorted(consent.items())),
-        "segments": sorted(text(s) for s in segments),
+        "segments": sorted(text(s) for s in segments if b">" not in s),
+        # Where its memberships are activated: "<segment>><destination>" (docs/activation.md).
+        "activations": sorted(text(s) for s in segments if b">" in s),
         "createdAt": iso_ms(meta.get("created_at")),
         "updatedAt": iso_ms(meta.get("updated_at")),
         "firstSeen": iso_ms(meta.get("first_seen")),

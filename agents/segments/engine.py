@@ -17,6 +17,14 @@ Per batch (``Pipeline`` calls it after the profile step):
 Windowed conditions change with the clock alone: after each commit the profile is
 scheduled (a sorted set per shard, by the time its next counter bucket leaves a
 window) and the worker's timer re-evaluates due profiles (``expire_due``).
+
+Activation (docs/activation.md): a profile is activated at a destination a segment
+names while it is a member and its consent covers the destination's purposes. Those
+activations are kept beside the memberships (field ``<segment>><destination>``) and
+re-derived whenever memberships change, the event records a consent choice, or the
+timer, a merge or a back-fill evaluates the profile; each change is one more
+transition, published on ``cdp.activations.<destination>`` with only what that
+destination may receive, and marked on the causing event's record like the others.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from agents.activation.destinations import Destination, consent_of
 from agents.profiles.computed import ADD, WIN, _buckets
 from agents.profiles.model import CONSENT_PREFIX, ProfileModel, unflatten
 from agents.segments import rules as segment_rules
@@ -43,6 +52,10 @@ from streams.texts import iso_ms, text
 log = logging.getLogger(__name__)
 
 ENTERED, EXITED = "cdp.segment.entered", "cdp.segment.exited"
+# Not published: a segment entry a destination did not get for want of consent.
+BLOCKED = "blocked"
+# Joins a segment id and a destination name in an activation's field (neither has it).
+ACTIVATION = ">"
 _BUCKETS = 30
 _MAX_COMMIT_ROUNDS = 8
 
@@ -75,9 +88,10 @@ class Transition:
     profile_id: str
     segment_id: str
     version: int
-    kind: str  # ENTERED / EXITED
+    kind: str  # ENTERED / EXITED / BLOCKED
     cause: str  # the causing event's messageId, or "expiry:<ms>", "merge:<absorbed>", "definition:<id>@<v>"
     cause_event: str | None
+    destination: str | None = None  # an activation's destination; None for the membership itself
 
 
 class SegmentEngine:
@@ -112,7 +126,11 @@ class SegmentEngine:
             else:
                 ops.extend((ADD, f"add:{condition.id}", "", amount, 1))
         # A superset: segments true for an empty profile count if the event creates one.
-        return ops, bool(index.affected_by(event, new_profile=True))
+        # A consent choice may change where the profile's memberships are activated.
+        wanted = bool(index.affected_by(event, new_profile=True)) or (
+            index.activating and bool(self.model.consent_of(event))
+        )
+        return ops, wanted
 
     # ---------------------------------------------------------------- a batch
 
@@ -159,10 +177,11 @@ class SegmentEngine:
                     fresh.append((event, profile_id))
                 continue
             for part in filter(None, marker.split(",")):
-                segment_id, _, rest = part.partition("@")
+                field, _, rest = part.partition("@")
                 version, kind = rest[:-1], rest[-1]
+                segment_id, _, destination = field.partition(ACTIVATION)
                 out.append(Transition(profile_id, segment_id, int(version), ENTERED if kind == "+" else EXITED,
-                                      event.message_id, event.message_id))
+                                      event.message_id, event.message_id, destination or None))
         if fresh:
             read = await self.read_states(sorted({p for _, p in fresh}))
             for event, profile_id in fresh:
@@ -188,6 +207,10 @@ class SegmentEngine:
                     pseudo = isinstance(event, _Cause)
                     caused = self._evaluate(state, affected, membership, event.message_id,
                                             None if pseudo else event.message_id, now_ms)
+                    if caused or pseudo or (self.index.activating and self.model.consent_of(event)):
+                        entered = {t.segment_id for t in caused if t.kind == ENTERED}
+                        caused.extend(self._activate(state, membership, entered, event.message_id,
+                                                     None if pseudo else event.message_id, now_ms))
                     found.extend(caused)
                     if not pseudo:
                         marks.append((message_field(event.message_id), _marker(caused)))
@@ -247,6 +270,51 @@ class SegmentEngine:
                 membership[segment.id] = f"{segment.version}|{held.split('|', 2)[1]}|{cause}"  # still a member
         return found
 
+    def _activate(self, state: State, membership: dict[str, str], entered: set[str], cause: str,
+                  cause_event: str | None, now_ms: int) -> list[Transition]:
+        """Re-derive the profile's activations from its memberships and consent;
+        update ``membership`` (which holds both); the transitions, and a BLOCKED one
+        per destination an entry (a segment in ``entered``) did not reach for want
+        of consent."""
+        segments = self.index.segments
+        destinations = self.registry.destinations
+        consent = None
+        wanted: dict[str, int] = {}
+        blocked: list[tuple[str, int, str]] = []
+        for segment_id in membership:
+            if ACTIVATION in segment_id:
+                continue
+            segment = segments.get(segment_id)
+            if segment is None or not segment.destinations:
+                continue
+            for name in segment.destinations:
+                destination = destinations.get(name)
+                if destination is None:
+                    self.registry.unknown_destination(segment_id, name)
+                    continue
+                if consent is None:
+                    consent = consent_of(state.traits)
+                if destination.consented(consent):
+                    wanted[segment_id + ACTIVATION + name] = segment.version
+                elif segment_id in entered:
+                    blocked.append((segment_id, segment.version, name))
+        found = []
+        for field in [f for f in membership if ACTIVATION in f and f not in wanted]:
+            segment_id, _, name = field.partition(ACTIVATION)
+            version = int(membership.pop(field).split("|", 1)[0] or 0)
+            found.append(Transition(state.profile_id, segment_id, version, EXITED, cause, cause_event, name))
+        for field, version in wanted.items():
+            held = membership.get(field)
+            segment_id, _, name = field.partition(ACTIVATION)
+            if held is None:
+                membership[field] = f"{version}|{now_ms}|{cause}"
+                found.append(Transition(state.profile_id, segment_id, version, ENTERED, cause, cause_event, name))
+            elif not held.startswith(f"{version}|"):
+                membership[field] = f"{version}|{held.split('|', 2)[1]}|{cause}"
+        found.extend(Transition(state.profile_id, segment_id, version, BLOCKED, cause, cause_event, name)
+                     for segment_id, version, name in blocked)
+        return found
+
     def view_of(self, state: State, now_ms: int):
         traits: dict[str, tuple[int, object]] = {}
         for name, raw in state.traits.items():
@@ -285,7 +353,8 @@ class SegmentEngine:
         for index, profile_id in enumerate(absorbed):
             memberships, ids = replies[2 * index], replies[2 * index + 1]
             out.extend(membership_exits(
-                profile_id, _pairs(memberships), sorted(text(i) for i in ids), f"merge:{profile_id}", now_ms, self.metrics
+                profile_id, _pairs(memberships), sorted(text(i) for i in ids), f"merge:{profile_id}", now_ms, self.metrics,
+                self.registry.destinations,
             ))
         return out
 
@@ -385,11 +454,21 @@ class SegmentEngine:
         if missing:
             states = {**states, **await self.read_states(missing)}
         out = []
+        destinations = self.registry.destinations
         for transition in transitions:
-            segment = self.index.segments.get(transition.segment_id)
             state = states.get(transition.profile_id)
-            self.metrics.segment_transitions.labels("entered" if transition.kind == ENTERED else "exited").inc()
-            out.append(change_message(transition, segment, state, now_ms))
+            if transition.destination is None:
+                segment = self.index.segments.get(transition.segment_id)
+                self.metrics.segment_transitions.labels(_kind(transition)).inc()
+                chosen = pick_traits(segment.chosen_traits, state, self.model, now_ms) if segment is not None else {}
+                out.append(change_message(transition, chosen, state, now_ms))
+                continue
+            destination = destinations.get(transition.destination)
+            if transition.kind == BLOCKED:
+                self.metrics.activations_blocked.labels(transition.destination).inc()
+                continue
+            self.metrics.activations.labels(transition.destination, _kind(transition)).inc()
+            out.append(activation_message(transition, destination, state, self.model, now_ms))
         return out
 
 
@@ -403,16 +482,25 @@ class _Cause:
 
 
 def membership_exits(profile_id: str, memberships: dict[str, str], identifiers: list[str], cause: str, now_ms: int,
-                     metrics: Metrics) -> list[OutboundMessage]:
+                     metrics: Metrics, destinations: Mapping[str, Destination] | None = None) -> list[OutboundMessage]:
     """An exited change event for each of a profile's memberships (segment id →
     "version|entered ms|cause"), caused by ``cause`` (a merge or a deletion), not by
-    an event."""
+    an event; and an exit for each of its activations, on its destination's topic,
+    with the identifiers that destination may receive (``destinations``; none when
+    the destination is not configured here)."""
     state = State(profile_id, "", {}, {}, memberships, identifiers)
     out = []
-    for segment_id, value in sorted(memberships.items()):
+    for field, value in sorted(memberships.items()):
         version = int(value.split("|", 1)[0] or 0)
-        metrics.segment_transitions.labels("exited").inc()
-        out.append(change_message(Transition(profile_id, segment_id, version, EXITED, cause, None), None, state, now_ms))
+        segment_id, _, name = field.partition(ACTIVATION)
+        transition = Transition(profile_id, segment_id, version, EXITED, cause, None, name or None)
+        if not name:
+            metrics.segment_transitions.labels("exited").inc()
+            out.append(change_message(transition, {}, state, now_ms))
+            continue
+        metrics.activations.labels(name, "exited").inc()
+        destination = destinations.get(name) if destinations is not None else None
+        out.append(activation_message(transition, destination, state, None, now_ms))
     return out
 
 
@@ -469,43 +557,97 @@ class LazyCounters(Mapping):
         return len(self._conditions)
 
 
-def change_message(transition: Transition, segment, state: State | None, now_ms: int) -> OutboundMessage:
-    """A CloudEvents 1.0 structured-mode JSON message, keyed by profile id."""
-    chosen = {}
-    if segment is not None and state is not None and segment.chosen_traits:
-        traits = {}
-        for name, raw in state.traits.items():
-            if not name.startswith(CONSENT_PREFIX):
-                at, _, value = raw.partition(b"|")
-                traits[name] = (int(at), orjson.loads(value))
-        nested = unflatten(traits)
-        chosen = {name: nested[name] for name in segment.chosen_traits if name in nested}
-    body = {
+def pick_traits(names: Sequence[str], state: State | None, model: ProfileModel | None, now_ms: int) -> dict:
+    """The named traits of a profile (dotted paths, ``computed.<name>[.<part>]``)
+    that it has, keyed by the name as given."""
+    if not names or state is None:
+        return {}
+    traits = {}
+    for name, raw in state.traits.items():
+        if not name.startswith(CONSENT_PREFIX):
+            at, _, value = raw.partition(b"|")
+            traits[name] = (int(at), orjson.loads(value))
+    nested = unflatten(traits)
+    computed = model.computed.lazy(state.computed, now_ms) if model is not None else {}
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        node: object = nested
+        if parts[0] == "computed" and len(parts) > 1:
+            node, parts = computed, parts[1:]
+        for part in parts:
+            node = node.get(part) if isinstance(node, Mapping) and part in node else None
+            if node is None:
+                break
+        if node is not None:
+            out[name] = node
+    return out
+
+
+def _kind(transition: Transition) -> str:
+    return "entered" if transition.kind == ENTERED else "exited"
+
+
+def _cloud_event(transition: Transition, source: str, subject_id: str, data: dict, now_ms: int) -> dict:
+    return {
         "specversion": "1.0",
         "id": segment_rules.change_id(
-            transition.profile_id, transition.segment_id, transition.version,
-            "entered" if transition.kind == ENTERED else "exited", transition.cause,
+            transition.profile_id, subject_id, transition.version, _kind(transition), transition.cause,
         ),
-        "source": "streamcdp/segments",
+        "source": source,
         "type": transition.kind,
         "subject": transition.profile_id,
         "time": iso_ms(now_ms),
         "datacontenttype": "application/json",
-        "data": {
-            "segmentId": transition.segment_id,
-            "segmentVersion": transition.version,
-            "profileId": transition.profile_id,
-            "identifiers": state.identifiers if state is not None else [],
-            "traits": chosen,
-            "causeEventId": transition.cause_event,
-            "cause": transition.cause.split(":", 1)[0] if transition.cause_event is None else "event",
-        },
+        "data": data,
     }
+
+
+def _cause(transition: Transition) -> str:
+    return transition.cause.split(":", 1)[0] if transition.cause_event is None else "event"
+
+
+def change_message(transition: Transition, chosen: dict, state: State | None, now_ms: int) -> OutboundMessage:
+    """A CloudEvents 1.0 structured-mode JSON message, keyed by profile id."""
+    body = _cloud_event(transition, "streamcdp/segments", transition.segment_id, {
+        "segmentId": transition.segment_id,
+        "segmentVersion": transition.version,
+        "profileId": transition.profile_id,
+        "identifiers": state.identifiers if state is not None else [],
+        "traits": chosen,
+        "causeEventId": transition.cause_event,
+        "cause": _cause(transition),
+    }, now_ms)
     return OutboundMessage(SEGMENT_CHANGES, transition.profile_id.encode(), orjson.dumps(body))
 
 
+def activation_message(transition: Transition, destination: Destination | None, state: State | None,
+                       model: ProfileModel | None, now_ms: int) -> OutboundMessage:
+    """The same CloudEvents shape on ``cdp.activations.<destination>``, with only the
+    identifiers and traits the destination may receive (none when it is not
+    configured: an exit after its configuration was removed)."""
+    name = transition.destination
+    identifiers = destination.identifiers_of(state.identifiers) if destination is not None and state is not None else []
+    traits = pick_traits(destination.traits, state, model, now_ms) if destination is not None else {}
+    body = _cloud_event(transition, f"streamcdp/activations/{name}", transition.segment_id + ACTIVATION + name, {
+        "destination": name,
+        "segmentId": transition.segment_id,
+        "segmentVersion": transition.version,
+        "profileId": transition.profile_id,
+        "identifiers": identifiers,
+        "traits": traits,
+        "causeEventId": transition.cause_event,
+        "cause": _cause(transition),
+    }, now_ms)
+    topic = destination.topic if destination is not None else f"cdp.activations.{name}"
+    return OutboundMessage(topic, transition.profile_id.encode(), orjson.dumps(body))
+
+
 def _marker(transitions: Sequence[Transition]) -> str:
-    return ",".join(f"{t.segment_id}@{t.version}{'+' if t.kind == ENTERED else '-'}" for t in transitions)
+    return ",".join(
+        f"{t.segment_id}{ACTIVATION + t.destination if t.destination else ''}@{t.version}{'+' if t.kind == ENTERED else '-'}"
+        for t in transitions if t.kind != BLOCKED
+    )
 
 
 def _changes(start: dict[str, str], end: dict[str, str]) -> list[tuple[str, bool, str]]:

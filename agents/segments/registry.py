@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 import orjson
 
+from agents.activation.destinations import Destinations
 from agents.profiles.computed import ComputedTraits, event_name
 from agents.segments import rules
 from schemas.errors import ConfigError
@@ -29,6 +30,8 @@ class SegmentSet:
     def __init__(self, segments: Mapping[str, object], computed: ComputedTraits) -> None:
         self.segments = dict(segments)
         self._index = rules.SegmentIndex(list(self.segments.values()), computed)
+        # Whether a consent choice can change anything: some segment names a destination.
+        self.activating = any(getattr(s, "destinations", ()) for s in self.segments.values())
 
     def affected_by(self, event: Event, *, new_profile: bool = False):
         return self._index.affected_by(event, new_profile=new_profile)
@@ -55,11 +58,24 @@ class Retired:
 
 
 class SegmentRegistry:
-    def __init__(self, computed: ComputedTraits) -> None:
+    def __init__(self, computed: ComputedTraits, destinations: Destinations | None = None) -> None:
         self.computed = computed
+        # The destinations this worker activates (config/destinations.yaml); a segment
+        # naming another one is still evaluated, but not activated there.
+        self.destinations = destinations if destinations is not None else Destinations()
+        self._unknown: set[tuple[str, str]] = set()
         self.index = SegmentSet({}, computed)
         self.loaded = asyncio.Event()
         self._listeners: list[Callable[[object], None]] = []
+
+    def unknown_destination(self, segment_id: str, name: str) -> None:
+        """Log once per segment and destination that the destination is not configured."""
+        if (segment_id, name) not in self._unknown:
+            self._unknown.add((segment_id, name))
+            log.warning(
+                "segment %s names destination %r, which this worker's destinations file does not define; "
+                "its members are not activated there", segment_id, name,
+            )
 
     def listen(self, callback: Callable[[object], None]) -> None:
         """``callback(segment)`` for every new or changed segment, once loaded."""

@@ -29,9 +29,10 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from agents.activation.destinations import Destinations
 from streams.metrics import Metrics
 from streams.settings import Settings
-from streams.topics import INBOUND, PRODUCER_MAX_REQUEST_BYTES, ensure_topics
+from streams.topics import INBOUND, PRODUCER_MAX_REQUEST_BYTES, all_topics, ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run" / "tests"
@@ -76,7 +77,7 @@ async def infra(settings: Settings) -> Settings:
     finally:
         await client.aclose()
     try:
-        await ensure_topics(settings, timeout_s=60)
+        await ensure_topics(settings, all_topics(tuple(Destinations.load().topics())), timeout_s=60)
     except Exception as exc:
         pytest.fail(f"Kafka at {settings.kafka_bootstrap} does not answer ({exc}); run `make infra`", pytrace=False)
     return settings

@@ -322,12 +322,19 @@ def _computed(document, source):
     return ComputedTraits.parse(document, source=source)
 
 
+def _destinations(document, source):
+    from agents.activation.destinations import Destinations
+
+    return Destinations.parse(document, source=source)
+
+
 @pytest.mark.parametrize(
     ("variable", "shipped", "parse"),
     [("CDP_IDENTITY_RULES", "config/identity-rules.yaml", _identity_rules),
      ("CDP_MATCHING_CONFIG", "config/matching.yaml", _matching),
      ("CDP_PROFILE_CONFIG", "config/profile.yaml", _profile),
-     ("CDP_COMPUTED_TRAITS", "config/computed-traits.yaml", _computed)],
+     ("CDP_COMPUTED_TRAITS", "config/computed-traits.yaml", _computed),
+     ("CDP_DESTINATIONS", "config/destinations.yaml", _destinations)],
 )
 def test_config_files_are_mounted_where_the_worker_looks(docs, variable, shipped, parse) -> None:
     [worker] = [w for w in _of_kind(docs, *WORKLOAD_KINDS) if _command(w["spec"]["template"]["spec"]["containers"][0]) == "worker"]

@@ -71,7 +71,7 @@ def test_unflatten_lets_the_later_write_win_on_conflicts():
         ({"history": {"length": -1}}, "history.length"),
         ({"history": {"length": "20"}}, "history.length"),
         ({"history": {"max_properties_bytes": 10**6}}, "max_properties_bytes"),
-        ({"histroy": {}}, "expected a mapping with the keys history and/or sensitive"),
+        ({"histroy": {}}, "expected a mapping with the keys history, sensitive and/or consent"),
         ({"sensitive": {"traits": "passport"}}, "sensitive"),
     ],
 )

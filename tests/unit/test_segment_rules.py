@@ -537,9 +537,10 @@ def test_examples_behave():
     recent_ticket, opened, closed = upsell.event_conditions()
     customer = {"email": "a@example.com"}
     assert upsell.evaluate(view(customer, {"order_count": 2}))
-    assert not upsell.evaluate(view(customer, {"order_count": 2}, {recent_ticket.id: 1}))
-    assert not upsell.evaluate(view(customer, {"order_count": 2}, {opened.id: 1}))
-    assert upsell.evaluate(view(customer, {"order_count": 2}, {opened.id: 1, closed.id: 1}))
+    # Held out from opening a ticket until it is closed or 3 days pass.
+    assert not upsell.evaluate(view(customer, {"order_count": 2}, {recent_ticket.id: 1, opened.id: 1}))
+    assert upsell.evaluate(view(customer, {"order_count": 2}, {recent_ticket.id: 1, opened.id: 1, closed.id: 1}))
+    assert upsell.evaluate(view(customer, {"order_count": 2}, {recent_ticket.id: 0, opened.id: 1}))
     high = load("high-spenders")
     assert high.evaluate(view(computed={"total_spend": {"EUR": 500}}))
 
