@@ -275,7 +275,7 @@ class LazyComputed(Mapping):
             return self._done[name]
         trait = self._by_name[name]
         if self._stored is None:
-            self._stored = _Stored(self._fields)
+            self._stored = _Stored(self._fields, frozenset(self._by_name))
         value = self._done[name] = _present_one(trait, self._stored, self._now)
         return value
 
@@ -362,13 +362,17 @@ def _window(trait: ComputedTrait, field: str, ts: int, amount: float) -> tuple:
 
 
 class _Stored:
-    """Stored fields, parsed once: kind → name(.part) → group → raw value."""
+    """Stored fields, parsed once: kind → name(.part) → group → raw value.
+    ``names``: only fields of these computed traits are kept (a profile also holds
+    the segment conditions' counters in the same hash)."""
 
-    def __init__(self, fields: Mapping[str, str]) -> None:
+    def __init__(self, fields: Mapping[str, str], names: frozenset[str] | None = None) -> None:
         self.by: dict[tuple[str, str], dict[str, str]] = {}
         for field, value in fields.items():
             kind, _, rest = field.partition(":")
             name, _, group = rest.partition("|")
+            if names is not None and name.partition(".")[0] not in names:
+                continue
             self.by.setdefault((kind, name), {})[group] = value
 
     def get(self, kind: str, name: str) -> dict[str, str]:

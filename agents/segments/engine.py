@@ -74,13 +74,32 @@ class State:
     computed: dict[str, str]
     segments: dict[str, str]  # segment id → "version|entered ms|cause"
     identifiers: list[str]
+    # Worked out once per state when first needed (change events read them per transition).
+    _nested: dict | None = None
+    _computed_view: object = None
 
     @classmethod
     def from_reply(cls, profile_id: str, rev, traits, computed, segments, identifiers) -> "State":
         return cls(
             profile_id, text(rev), _pairs(traits, raw=True), _pairs(computed), _pairs(segments),
-            sorted(text(i) for i in identifiers),
+            sorted(_texts(identifiers)),
         )
+
+    def nested_traits(self) -> dict:
+        """The traits as nested objects (consent left out)."""
+        if self._nested is None:
+            traits = {}
+            for name, raw in self.traits.items():
+                if not name.startswith(CONSENT_PREFIX):
+                    at, _, value = raw.partition(b"|")
+                    traits[name] = (int(at), orjson.loads(value))
+            self._nested = unflatten(traits)
+        return self._nested
+
+    def computed_view(self, model: ProfileModel, now_ms: int):
+        if self._computed_view is None:
+            self._computed_view = model.computed.lazy(self.computed, now_ms)
+        return self._computed_view
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,15 +335,9 @@ class SegmentEngine:
         return found
 
     def view_of(self, state: State, now_ms: int):
-        traits: dict[str, tuple[int, object]] = {}
-        for name, raw in state.traits.items():
-            if name.startswith(CONSENT_PREFIX):
-                continue
-            at, _, value = raw.partition(b"|")
-            traits[name] = (int(at), orjson.loads(value))
         counters = LazyCounters(self._conditions_by_id(), state.computed, now_ms)
         return segment_rules.ProfileView(
-            traits=unflatten(traits), computed=self.model.computed.lazy(state.computed, now_ms), counters=counters,
+            traits=state.nested_traits(), computed=state.computed_view(self.model, now_ms), counters=counters,
         )
 
     async def recover(self, items: Sequence, profile_ids: Sequence[str], replies: Sequence, now_ms: int) -> list[OutboundMessage]:
@@ -562,13 +575,8 @@ def pick_traits(names: Sequence[str], state: State | None, model: ProfileModel |
     that it has, keyed by the name as given."""
     if not names or state is None:
         return {}
-    traits = {}
-    for name, raw in state.traits.items():
-        if not name.startswith(CONSENT_PREFIX):
-            at, _, value = raw.partition(b"|")
-            traits[name] = (int(at), orjson.loads(value))
-    nested = unflatten(traits)
-    computed = model.computed.lazy(state.computed, now_ms) if model is not None else {}
+    nested = state.nested_traits()
+    computed = state.computed_view(model, now_ms) if model is not None else {}
     out = {}
     for name in names:
         parts = name.split(".")
@@ -657,8 +665,25 @@ def _changes(start: dict[str, str], end: dict[str, str]) -> list[tuple[str, bool
 
 
 def _pairs(flat, raw: bool = False) -> dict:
+    """A Redis hash reply (a flat list, or a dict) as a dict of text (values kept as
+    bytes with ``raw``)."""
     if isinstance(flat, dict):
-        items = flat.items()
-    else:
-        items = zip(flat[::2], flat[1::2])
-    return {text(k): (v if raw else text(v)) for k, v in items}
+        return {text(k): (v if raw else text(v)) for k, v in flat.items()}
+    if raw:
+        return dict(zip(_texts(flat[::2]), flat[1::2]))
+    items = _texts(flat)
+    return dict(zip(items[::2], items[1::2]))
+
+
+def _texts(items) -> list[str]:
+    """Redis reply items as text, decoded in one go (NUL joins them: no key or value
+    of ours holds one; JSON escapes it). Falls back item by item otherwise."""
+    if not items:
+        return []
+    try:
+        joined = b"\0".join(items)
+    except TypeError:
+        return [text(i) for i in items]
+    if joined.count(b"\0") != len(items) - 1:
+        return [text(i) for i in items]
+    return joined.decode().split("\0")
