@@ -14,9 +14,12 @@ every extra Kafka hop would cost throughput. Per batch:
 
 ``handle`` returns when every effect of the batch is stored and every output is
 acknowledged, so the caller may then commit the batch's offsets. Each record ends
-either processed or dead-lettered with a reason. An unexpected error inside a step
-for one event dead-letters that event (``processing_error``); Redis or Kafka being
-unavailable is retried with backoff and never acks anything.
+either processed, dead-lettered with a reason, dropped as a producer's resend, or
+*suppressed*: one of its identifiers is on the suppression list (docs/privacy.md),
+so nothing is stored or published for it (``cdp_events_suppressed_total`` counts
+it). An unexpected error inside a step for one event dead-letters that event
+(``processing_error``); Redis or Kafka being unavailable is retried with backoff
+and never acks anything.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from agents.identity.graph import Plan
 from agents.identity.matching import BOUNDED_SADD, MatchStore
 from agents.identity.resolver import IdentityResolver
 from agents.identity.rules import IdentityRules
-from agents.identity.store import IdentityStore
+from agents.identity.store import RELEASE_CLAIM, SUPPRESSED, WIPE_PROFILE, IdentityStore, wipe_keys
 from agents.ingest.core import PROCESSING_ERROR, Accepted, Rejected, split_batch
 from agents.profiles.model import ProfileModel
 from agents.profiles.sensitive import SensitivePolicy
@@ -56,10 +59,6 @@ from streams.topics import DEAD_LETTER, RESOLVED
 log = logging.getLogger(__name__)
 
 STORE_ERROR = "store_error"
-RELEASE_CLAIM = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 5.0
 # A Redis round trip (one pipelined batch step) taking longer counts as an outage.
@@ -74,6 +73,8 @@ class BatchResult:
     dead_lettered: int = 0
     redelivered: int = 0
     resent: int = 0
+    # Dropped because an identifier is on the suppression list: acked, nothing stored.
+    suppressed: int = 0
     outputs: list[OutboundMessage] = field(default_factory=list)
 
 
@@ -182,6 +183,7 @@ class Pipeline:
             total.dead_lettered += one.dead_lettered
             total.redelivered += one.redelivered
             total.resent += one.resent
+            total.suppressed += one.suppressed
             total.outputs.extend(one.outputs)
         return total
 
@@ -206,31 +208,56 @@ class Pipeline:
         self, accepted: list[Accepted], now_ms: int, result: BatchResult
     ) -> list[OutboundMessage]:
         """Identity, then the profile step, repeated for the events whose profile was
-        merged away under them (MOVED) or whose new identifier another worker claimed
-        first (they are resolved again, which merges the two profiles if allowed)."""
+        merged away under them (MOVED) or deleted (DELETED), or whose new identifier
+        another worker claimed first (they are resolved again, which merges the two
+        profiles if allowed) or was suppressed meanwhile. Events with an identifier
+        on the suppression list get no plan: nothing is stored or sent for them."""
         outputs: list[OutboundMessage] = []
         first: list[ApplyStatus | Exception | None] = [None] * len(accepted)
         answer: list[list | None] = [None] * len(accepted)
         profile_of: list[str] = [""] * len(accepted)
+        suppressed = [False] * len(accepted)
         region = self.settings.phone_default_region
         match_records = [fuzzy.match_record(a.event.traits, region) if a.event.traits else None for a in accepted]
         todo = list(range(len(accepted)))
+        # New profile ids carry the planning time: after a purge, later rounds plan
+        # with a later one, so the wiped (tombstoned) id is not planned again.
+        round_ms = now_ms
         for _ in range(_MAX_ROUNDS):
             if not todo:
                 break
-            items = [accepted[i] for i in todo]
             records = [match_records[i] for i in todo]
             started = time.perf_counter()
-            plans, notes = await self._redis("identity", self.resolver.resolve, [a.event for a in items], records, now_ms)
+            plans, notes = await self._redis(
+                "identity", self.resolver.resolve, [accepted[i].event for i in todo], records, round_ms
+            )
             outputs.extend(notes)
             self.metrics.stage_latency.labels("identity").observe(time.perf_counter() - started)
+            live = [k for k, plan in enumerate(plans) if plan is not None]
+            if len(live) < len(todo):
+                for k, plan in enumerate(plans):
+                    if plan is None:
+                        suppressed[todo[k]] = True
+                todo = [todo[k] for k in live]
+                plans = [plans[k] for k in live]
+                records = [records[k] for k in live]
+                if not todo:
+                    break
+            items = [accepted[i] for i in todo]
             started = time.perf_counter()
-            replies, lost = await self._redis("profile", self._apply, items, plans, records, now_ms)
+            replies, lost, barred = await self._redis("profile", self._apply, items, plans, records, round_ms)
             self.metrics.stage_latency.labels("profile").observe(time.perf_counter() - started)
+            purge = self._to_purge(items, plans, replies, barred) if any(barred) else set()
             again = []
             released: list[tuple[Identifier, str]] = []
             for k, i in enumerate(todo):
                 reply = replies[k]
+                if plans[k].profile_id in purge:
+                    # Its profile was made this round for an event of an identifier
+                    # suppressed meanwhile and is wiped: the event starts afresh.
+                    first[i], answer[i], profile_of[i] = None, None, ""
+                    again.append(i)
+                    continue
                 if isinstance(reply, Exception):
                     first[i] = reply
                     continue
@@ -255,13 +282,20 @@ class Pipeline:
                 if lost[k]:
                     self.metrics.identity_conflicts.labels("claim").inc()
                     again.append(i)
+            if purge:
+                await self._redis("profile", self._purge, purge, plans, records, round_ms)
+                round_ms += 1
             if released:
                 await self._redis("identity", self._release_claims, released)
             todo = again
         if todo:
             raise RuntimeError(f"identity of {len(todo)} events did not settle in {_MAX_ROUNDS} rounds")
 
-        for item, status, profile_id in zip(accepted, first, profile_of):
+        for k, (item, status, profile_id) in enumerate(zip(accepted, first, profile_of)):
+            if suppressed[k]:
+                result.suppressed += 1
+                self.metrics.events_suppressed.inc()
+                continue
             if isinstance(status, Exception):
                 log.error("store step failed for %s: %s", item.record.origin, status)
                 outputs.append(self._dead_letter(Rejected(item.record, STORE_ERROR, str(status)), now_ms))
@@ -280,10 +314,60 @@ class Pipeline:
                 outputs.append(resolved_message(item, profile_id, self.model.sensitive))
         if self.segments is not None:
             started = time.perf_counter()
-            kept = [a if isinstance(f, ApplyStatus) and f is not ApplyStatus.RESENT else None for a, f in zip(answer, first)]
+            kept = [
+                a if isinstance(f, ApplyStatus) and f is not ApplyStatus.RESENT and not s else None
+                for a, f, s in zip(answer, first, suppressed)
+            ]
             outputs.extend(await self._segment_step(accepted, profile_of, kept, now_ms))
             self.metrics.stage_latency.labels("segments").observe(time.perf_counter() - started)
         return outputs
+
+    def _to_purge(self, items: list[Accepted], plans: list[Plan], replies: list, barred: list[bool]) -> set[str]:
+        """After a claim met the suppression marker (the identifier was suppressed
+        between this round's read and its claim): the profiles to wipe, those this
+        round created for such an event (and merged nothing into). An event that
+        was applied to an existing profile cannot be taken back out of it: its
+        changes stay there (docs/privacy.md, "Limits")."""
+        created = {
+            plan.profile_id for plan, reply in zip(plans, replies)
+            if not isinstance(reply, Exception) and int(reply[0]) == ApplyStatus.APPLIED_NEW
+        }
+        survivors = {m.survivor for plan in plans for m in plan.merges}
+        purge: set[str] = set()
+        for item, plan, reply, hit in zip(items, plans, replies, barred):
+            if not hit:
+                continue
+            if plan.profile_id in created and plan.profile_id not in survivors:
+                purge.add(plan.profile_id)
+            elif not isinstance(reply, Exception) and int(reply[0]) in (ApplyStatus.APPLIED, ApplyStatus.APPLIED_NEW):
+                log.warning(
+                    "record %s has an identifier suppressed while it was being resolved; it was already applied "
+                    "to profile %s, where its changes stay", item.record.origin, plan.profile_id,
+                )
+        return purge
+
+    async def _purge(self, purge: set[str], plans: list[Plan], records: list[fuzzy.MatchRecord | None], now_ms: int) -> None:
+        """Wipe profiles this round made for an event of a suppressed identifier: the
+        tombstone first (a worker that cached one is answered DELETED), then the
+        claims made for them and their fuzzy-matching block entries. One round trip."""
+        wipe = await self._script(WIPE_PROFILE)
+        release = await self._script(RELEASE_CLAIM)
+        hash_key = self.settings.id_hash_key
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for profile_id in sorted(purge):
+                keys = wipe_keys(profile_id)
+                pipe.evalsha(wipe, len(keys), *keys, now_ms)
+            for plan, record in zip(plans, records):
+                if plan.profile_id not in purge:
+                    continue
+                for identifier in plan.claims:
+                    pipe.evalsha(release, 1, identifier_key(identifier, hash_key), plan.profile_id)
+                if record is not None:
+                    for key in self.matching.block_keys(record):
+                        pipe.srem(key, plan.profile_id)
+            await pipe.execute()
+        for profile_id in purge:
+            self.identity.forget_profile(profile_id)
 
     async def _segment_step(self, accepted, profile_of, replies, now_ms: int) -> list[OutboundMessage]:
         """Evaluate and commit segments. If Redis fails midway, what was committed is
@@ -300,13 +384,14 @@ class Pipeline:
 
     async def _apply(
         self, items: list[Accepted], plans: list[Plan], match_records: list[fuzzy.MatchRecord | None], now_ms: int
-    ) -> tuple[list, list[bool]]:
+    ) -> tuple[list, list[bool], list[bool]]:
         """One pipelined round trip: claims (SET NX GET) and one APPLY_EVENT per event.
 
         Returns one reply per event (the Lua reply, or the exception Redis answered
-        for that event's step) and, per event, whether another profile won one of its
+        for that event's step); per event, whether another profile won one of its
         claims (that identifier is then taken off this profile, and the event is
-        resolved again)."""
+        resolved again); and per event, whether one of its claims met the
+        suppression marker (suppressed since the owners were read)."""
         apply_sha = await self._script(APPLY_EVENT)
         block_sha = await self._script(BOUNDED_SADD)
         hash_key = self.settings.id_hash_key
@@ -340,13 +425,17 @@ class Pipeline:
             # step ran but the idempotent claims; _redis() reloads and runs it again.
             raise NoScriptError("a Lua script of the profile step is not loaded")
         lost = [False] * len(items)
+        barred = [False] * len(items)
         lost_ids: list[tuple[str, Identifier]] = []
         for k, position, identifier in claim_at:
             owner = replies[position]
             if isinstance(owner, Exception):
                 raise owner
             owner = plans[k].profile_id if owner is None else owner.decode()
-            self.identity.remember_owner(identifier, owner)
+            if owner == SUPPRESSED:
+                barred[k] = True  # never cached: see IdentityStore.read_graph
+            else:
+                self.identity.remember_owner(identifier, owner)
             if owner != plans[k].profile_id:
                 lost[k] = True
                 lost_ids.append((plans[k].profile_id, identifier))
@@ -355,10 +444,11 @@ class Pipeline:
                 for profile_id, identifier in lost_ids:
                     pipe.hdel(ProfileKeys(profile_id).ids, str(identifier))
                 await pipe.execute()
-        return event_replies, lost
+        return event_replies, lost, barred
 
     async def _release_claims(self, claims: list[tuple[Identifier, str]]) -> None:
-        """Delete identifier claims that point at a deleted profile."""
+        """Delete identifier claims that point at a deleted profile (never a
+        suppression marker)."""
         sha = await self._script(RELEASE_CLAIM)
         async with self.redis.pipeline(transaction=False) as pipe:
             for identifier, profile_id in claims:

@@ -132,9 +132,17 @@ def _parser() -> argparse.ArgumentParser:
 
     privacy = commands.add_parser("privacy", help="data-subject requests (docs/privacy.md)")
     privacy_commands = privacy.add_subparsers(title="privacy commands", metavar="ACTION")
-    for kind, text in (("access", "print everything held about the person as JSON"),
-                       ("delete", "delete every trace of the person; downstream is told on cdp.privacy.events")):
-        command = privacy_commands.add_parser(kind, help=text, description=text + ". Exits 3 when nobody has the identifier.")
+    for kind, text, not_found in (
+        ("access", "print everything held about the person as JSON", "nobody has the identifier"),
+        ("delete", "delete every trace of the person; downstream is told on cdp.privacy.events",
+         "nobody has the identifier"),
+        ("suppress", "delete the person and drop their later events: each of their identifiers goes on the "
+         "suppression list (as a keyed hash), also when nobody has the identifier yet", None),
+        ("unsuppress", "lift the suppression that listed the identifier, for every identifier it listed",
+         "the identifier is not on the suppression list"),
+    ):
+        ending = f". Exits 3 when {not_found}." if not_found else "."
+        command = privacy_commands.add_parser(kind, help=text, description=text + ending)
         command.add_argument("identifier", metavar="IDENTIFIER", help="type:value, e.g. email:ann@example.com")
         command.set_defaults(run=_run_privacy, kind=kind)
 

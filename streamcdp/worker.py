@@ -309,7 +309,10 @@ def _add_routes(app: faust.App, state: WorkerState) -> None:
                 if not isinstance(kind, str) or not isinstance(identifier, str):
                     raise TypeError
             except (ValueError, KeyError, TypeError):
-                return self.json({"error": 'expected {"type": "access" or "delete", "identifier": "type:value"}'}, status=400)
+                return self.json(
+                    {"error": 'expected {"type": "access", "delete", "suppress" or "unsuppress", "identifier": "type:value"}'},
+                    status=400,
+                )
             pipeline = state.pipeline
             service = PrivacyService(state.redis, pipeline.producer, state.metrics, pipeline.model,
                                      hash_key=settings.id_hash_key, default_region=settings.phone_default_region)

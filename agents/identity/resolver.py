@@ -46,14 +46,19 @@ class IdentityResolver:
 
     async def resolve(
         self, events: list[Event], match_records: list[fuzzy.MatchRecord | None], now_ms: int
-    ) -> tuple[list[Plan], list[OutboundMessage]]:
+    ) -> tuple[list[Plan | None], list[OutboundMessage]]:
         """Plan the events' profiles; set parents and finish folds for the merges.
-        Returns the plans and the merge-blocked notices to publish."""
+        Returns the plans (None for an event with an identifier on the suppression
+        list: nothing is to be stored for it) and the merge-blocked notices to publish."""
         for _ in range(MAX_ROUNDS):
-            view, pending = await self.store.read_view(events)
-            candidates = await self._match_candidates(events, match_records, view)
-            plans = self._plan(events, match_records, candidates, view, now_ms)
-            merges = list({(m.absorbed, m.survivor): m for p in plans for m in p.merges}.values())
+            read = await self.store.read_graph(events)
+            view, pending = read.view, read.pending
+            live = [k for k, barred in enumerate(read.suppressed) if not barred]
+            live_events = [events[k] for k in live]
+            live_records = [match_records[k] for k in live]
+            candidates = await self._match_candidates(live_events, live_records, view)
+            live_plans = self._plan(live_events, live_records, candidates, view, now_ms)
+            merges = list({(m.absorbed, m.survivor): m for p in live_plans for m in p.merges}.values())
             if merges and await self.store.set_parents(merges, now_ms):
                 self.metrics.identity_conflicts.labels("parent").inc()
                 continue  # someone merged one of them meanwhile: read and plan again
@@ -61,11 +66,14 @@ class IdentityResolver:
             if absorbed:
                 await self.fold(absorbed, now_ms)
             notes = []
-            for plan in plans:
+            for plan in live_plans:
                 for blocked in plan.blocked:
                     for identifier_type in blocked.types:
                         self.metrics.identity_merges_blocked.labels(identifier_type).inc()
                     notes.append(blocked_message(blocked, now_ms))
+            plans: list[Plan | None] = [None] * len(events)
+            for k, plan in zip(live, live_plans):
+                plans[k] = plan
             return plans, notes
         raise RuntimeError(f"identity plan kept meeting concurrent merges ({MAX_ROUNDS} rounds)")
 

@@ -5,6 +5,7 @@ Every step touches one hash slot, so the design holds on Redis Cluster:
 | step | slot | what |
 |---|---|---|
 | read owners | identifier | ``GET cdp:id:{digest}`` per identifier |
+| release stale | identifier | ``RELEASE_STALE``: only for claims naming a deleted profile |
 | read nodes | profile | ``HMGET meta merged_into fold_pending`` + ``HKEYS ids``, only for events that may claim, merge or be refused (``_simple_root``) |
 | ``SET_PARENT`` | absorbed | write-once ``merged_into`` + ``fold_pending``; refuses a second parent |
 | read state | absorbed | traits, identifiers, dedupe records, computed traits, history, audit ... |
@@ -17,11 +18,17 @@ finishes the fold; ``FOLD`` is idempotent and ``CLEANUP`` runs only after the fo
 and the merge record's publication succeeded. A profile with a parent accepts no more
 writes (``APPLY_EVENT`` and ``FOLD`` answer ``MOVED``), so nothing lands on it after
 its state has been read for the fold.
+
+An identifier on the suppression list (a ``suppress`` privacy request,
+``agents/privacy.py``) has ``SUPPRESSED`` as its index value instead of a profile id.
+Any event with such an identifier is *suppressed*: it gets no plan and nothing is
+stored for it. The marker is never cached (so lifting a suppression takes effect on
+every worker at once) and never reaches the planner.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 
@@ -38,6 +45,73 @@ from streams.texts import iso_ms, text
 
 _MAX_CHAIN_ROUNDS = 16
 _MAX_FOLD_HOPS = 16
+# Re-reads of owners a view may need after meeting deleted profiles.
+_MAX_GONE_ROUNDS = 4
+
+# The index value of an identifier on the suppression list. Profile ids start with
+# "p_" (streams/keys.py), so this can never be taken for one.
+SUPPRESSED = "~suppressed"
+
+# KEYS: an identifier's index key. ARGV: a deleted profile's id.
+# Drops the claim if it still names that profile; answers the key's value after.
+RELEASE_STALE = """
+local owner = redis.call('GET', KEYS[1])
+if owner == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return false
+end
+return owner
+"""
+
+# KEYS: an identifier's index key. ARGV: profile ids.
+# Drops the claim if it names one of them (never a suppression marker, never a claim
+# another profile made meanwhile).
+RELEASE_CLAIM = """
+local owner = redis.call('GET', KEYS[1])
+if not owner then return 0 end
+for i = 1, #ARGV do
+  if owner == ARGV[i] then return redis.call('DEL', KEYS[1]) end
+end
+return 0
+"""
+
+# KEYS: meta, ids, then every other state key of one profile (``wipe_keys``).
+# ARGV: now_ms. In one atomic step: answers the identifiers the profile holds, drops
+# every key and leaves the tombstone (``deleted``, ``deleted_at``: no personal data).
+# A profile step (also atomic, on the same slot) therefore either ran before and is
+# wiped with the rest, or runs after and is answered DELETED.
+WIPE_PROFILE = """
+local ids = redis.call('HKEYS', KEYS[2])
+redis.call('DEL', unpack(KEYS))
+redis.call('HSET', KEYS[1], 'deleted', '1', 'deleted_at', ARGV[1])
+return ids
+"""
+
+
+def is_suppressed(owner: str | bytes | None) -> bool:
+    """Whether an identifier index value is the suppression marker (not a profile id).
+
+    >>> is_suppressed(b"~suppressed"), is_suppressed("p_0abc"), is_suppressed(None)
+    (True, False, False)
+    """
+    return owner is not None and text(owner) == SUPPRESSED
+
+
+def suppressed_events(
+    events: Sequence[Event], owners: Mapping[Identifier, str | None], rules: IdentityRules
+) -> list[bool]:
+    """Per event, whether any identifier it is looked up by (an alias's previousId
+    too) is on the suppression list. Pure."""
+    if SUPPRESSED not in owners.values():
+        return [False] * len(events)
+    return [any(owners.get(i) == SUPPRESSED for i, _ in candidates(e, rules)) for e in events]
+
+
+def wipe_keys(profile_id: str) -> list[str]:
+    """The KEYS of ``WIPE_PROFILE`` for one profile."""
+    keys = ProfileKeys(profile_id)
+    return [keys.meta, keys.ids, *(k for k in keys.state() if k != keys.ids)]
+
 
 SET_PARENT = """
 -- KEYS: meta of the absorbed profile. ARGV: survivor, now_ms, identifier, message_id
@@ -111,6 +185,15 @@ redis.call('HDEL', KEYS[1], 'event_count', 'first_seen', 'last_seen', 'updated_a
 redis.call('HSET', KEYS[1], 'folded_at', ARGV[1])
 return 1
 """
+
+
+@dataclass(frozen=True, slots=True)
+class GraphRead:
+    """What ``read_graph`` found for a batch."""
+
+    view: GraphView
+    pending: list[Node]  # profiles found with an unfinished fold
+    suppressed: list[bool]  # per event: it carries an identifier on the suppression list
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +298,14 @@ class IdentityStore:
         self._sha.clear()
 
     async def read_view(self, events: Sequence[Event]) -> tuple[GraphView, list[Node]]:
-        """Owners of the batch's identifiers and every profile on their chains;
-        also the profiles found with an unfinished fold."""
+        """``read_graph``'s view and pending folds."""
+        read = await self.read_graph(events)
+        return read.view, read.pending
+
+    async def read_graph(self, events: Sequence[Event]) -> GraphRead:
+        """Owners of the batch's identifiers and every profile on their chains; also
+        the profiles found with an unfinished fold, and which events are suppressed
+        (those are left out of the view: nothing is read or planned for them)."""
         cached = self._owners
         owners: dict[Identifier, str | None] = {}
         lookup = []
@@ -233,33 +322,63 @@ class IdentityStore:
                 values = await pipe.execute()
             for identifier, value in zip(lookup, values):
                 owner = owners[identifier] = text(value) if value is not None else None
-                if owner is not None:
+                if owner is not None and owner != SUPPRESSED:
                     self.remember_owner(identifier, owner)
-        # Profiles are read only for the events that may claim, merge or be refused.
-        wanted: set[str] = set()
-        shortcut: set[str] = set()
-        for event in events:
-            event_owners = [owners.get(i) for i, _ in candidates(event, self.rules)]
-            if self._simple_root(event, owners) is None:
-                wanted.update(p for p in event_owners if p)
-            else:
-                shortcut.update(event_owners)
-        nodes = await self.read_nodes(wanted)
-        # Settled merges on the shortcut events' chains, so the planner finds roots.
-        for profile_id in shortcut:
-            while profile_id in self._settled and profile_id not in nodes:
-                nodes[profile_id] = Node(profile_id, self._settled[profile_id])
-                profile_id = self._settled[profile_id]
-        # A deleted person's profiles own nothing any more (their claims are gone;
-        # these came from caches): their identifiers are free to be claimed again.
-        gone = {p for p, n in nodes.items() if n.deleted}
-        if gone:
+        nodes: dict[str, Node] = {}
+        for round_ in range(_MAX_GONE_ROUNDS):
+            suppressed = suppressed_events(events, owners, self.rules)
+            # Profiles are read only for the events that may claim, merge or be
+            # refused; none for suppressed events.
+            wanted: set[str] = set()
+            shortcut: set[str] = set()
+            for event, barred in zip(events, suppressed):
+                if barred:
+                    continue
+                event_owners = [owners.get(i) for i, _ in candidates(event, self.rules)]
+                if self._simple_root(event, owners) is None:
+                    wanted.update(p for p in event_owners if p)
+                else:
+                    shortcut.update(event_owners)
+            nodes.update(await self.read_nodes(wanted, known=nodes))
+            # Settled merges on the shortcut events' chains, so the planner finds roots.
+            for profile_id in shortcut:
+                while profile_id in self._settled and profile_id not in nodes:
+                    nodes[profile_id] = Node(profile_id, self._settled[profile_id])
+                    profile_id = self._settled[profile_id]
+            gone = {p for p, n in nodes.items() if n.deleted}
+            if not gone:
+                break
+            # A deleted person's profiles own nothing any more (these came from caches,
+            # or are claims left pointing at the tombstone).
             for profile_id in gone:
                 self.forget_profile(profile_id)
                 del nodes[profile_id]
-            owners = {i: (None if o in gone else o) for i, o in owners.items()}
+            if round_ == _MAX_GONE_ROUNDS - 1:
+                # Deletions keep racing this read: take what they owned as free; a
+                # claim that loses is resolved again.
+                owners = {i: (None if o in gone else o) for i, o in owners.items()}
+                break
+            # Drop those claims and read the identifiers again: they may be free,
+            # another profile's by now, or suppressed.
+            stale = [(i, o) for i, o in owners.items() if o in gone]
+            for (identifier, _), value in zip(stale, await self._release_stale(stale)):
+                owner = owners[identifier] = text(value) if value is not None else None
+                if owner is not None and owner != SUPPRESSED:
+                    self.remember_owner(identifier, owner)
         pending_folds = [n for n in nodes.values() if n.fold_pending and n.parent]
-        return GraphView(owners, nodes), pending_folds
+        planned = {i: o for i, o in owners.items() if o != SUPPRESSED}
+        return GraphRead(GraphView(planned, nodes), pending_folds, suppressed)
+
+    async def _release_stale(self, stale: Sequence[tuple[Identifier, str]]) -> list:
+        """One round trip: drop each claim still naming its deleted profile; the
+        current index value of each identifier."""
+        if not stale:
+            return []
+        sha = await self._script(RELEASE_STALE)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for identifier, profile_id in stale:
+                pipe.evalsha(sha, 1, identifier_key(identifier, self.hash_key), profile_id)
+            return await pipe.execute()
 
     async def read_nodes(self, wanted: set[str], known: dict[str, Node] | None = None) -> dict[str, Node]:
         """``wanted`` profiles and every profile on their merge chains (one round trip
