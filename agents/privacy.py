@@ -48,6 +48,7 @@ from agents.identity.matching import MatchStore
 from agents.identity.store import RELEASE_CLAIM, SUPPRESSED, WIPE_PROFILE, is_suppressed, wipe_keys
 from agents.profiles.model import ProfileModel
 from agents.profiles.store import find_profile_id, read_profile, root_of
+from agents.activation.destinations import Destinations
 from agents.segments.engine import membership_exits
 from agents.segments.store import due_key
 from schemas.events import Identifier
@@ -105,8 +106,11 @@ class SuppressionEntry:
 
 
 class PrivacyService:
-    def __init__(self, redis, producer, metrics, model: ProfileModel, *, hash_key: str, default_region: str) -> None:
+    def __init__(self, redis, producer, metrics, model: ProfileModel, *, hash_key: str, default_region: str,
+                 destinations: Destinations | None = None) -> None:
         self.redis = redis
+        # Where activation exits go, shaped as each destination may receive them.
+        self.destinations = destinations if destinations is not None else Destinations.load()
         self.producer = producer
         self.metrics = metrics
         self.model = model
@@ -227,9 +231,12 @@ class PrivacyService:
                 block_keys.update(matching.block_keys(MatchRecord.from_json(raw)))
             except ValueError:
                 continue
-        # Exits for the memberships, before the keys go (same ids on a retry).
+        # Exits for the memberships and activations, before the keys go (same ids on
+        # a retry); each destination gets the identifiers it may receive, so that it
+        # can remove the person.
         exits = membership_exits(
-            profile_id, {text(k): text(v) for k, v in segments.items()}, [], f"deleted:{profile_id}", now_ms, self.metrics
+            profile_id, {text(k): text(v) for k, v in segments.items()}, identifiers, f"deleted:{profile_id}", now_ms,
+            self.metrics, self.destinations,
         )
         notice = {
             "type": "cdp.profile.deleted",

@@ -169,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_privacy(args: argparse.Namespace, settings: Settings) -> int:
+    from agents.activation.destinations import Destinations
     from agents.privacy import PrivacyService
     from agents.profiles.model import ProfileModel
     from streams.metrics import Metrics
@@ -183,7 +184,8 @@ def _run_privacy(args: argparse.Namespace, settings: Settings) -> int:
         client = connect(settings.redis_url)
         try:
             service = PrivacyService(client, AiokafkaProducer(producer), Metrics(), ProfileModel.load(settings),
-                                     hash_key=settings.id_hash_key, default_region=settings.phone_default_region)
+                                     hash_key=settings.id_hash_key, default_region=settings.phone_default_region,
+                                     destinations=Destinations.load(settings.destinations or None))
             return await service.handle(args.kind, args.identifier)
         finally:
             await client.aclose()
@@ -207,8 +209,17 @@ def _run_segments_apply(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_NOT_FOUND
     from agents.profiles.computed import ComputedTraits
 
+    from agents.activation.destinations import Destinations
+
     document = load_document(path, path, "segment")
     segment = parse_segment(document, source=str(path), computed=ComputedTraits.load(settings.computed_traits or None))
+    destinations = Destinations.load(settings.destinations or None)
+    unknown = [name for name in segment.destinations if name not in destinations]
+    if unknown:
+        raise ConfigError(
+            f"{path}: destinations: {unknown[0]!r} is not a configured destination "
+            f"(defined: {', '.join(sorted(destinations)) or 'none'}; docs/activation.md)"
+        )
     asyncio.run(publish(settings, segment.id, segment.document))
     print(f"applied segment {segment.id} version {segment.version}")
     return 0
@@ -282,18 +293,24 @@ def _run_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run_topics_create(args: argparse.Namespace, settings: Settings) -> int:
     from streams.logs import configure
-    from streams.topics import ensure_topics
+    from streams.topics import all_topics, ensure_topics
 
     configure(settings.log_format, "warn")
-    created = asyncio.run(ensure_topics(settings))
+    created = asyncio.run(ensure_topics(settings, all_topics(_activation_topics(settings))))
     print(orjson.dumps({"created": created}).decode())
     return 0
+
+
+def _activation_topics(settings: Settings) -> tuple[str, ...]:
+    from agents.activation.destinations import Destinations
+
+    return tuple(Destinations.load(settings.destinations or None).topics())
 
 
 def _run_topics_list(args: argparse.Namespace, settings: Settings) -> int:
     from streams.topics import all_topics
 
-    for spec in all_topics():
+    for spec in all_topics(_activation_topics(settings)):
         print(spec.name + ("  (compacted)" if spec.compacted else ""))
     return 0
 

@@ -315,7 +315,8 @@ def _add_routes(app: faust.App, state: WorkerState) -> None:
                 )
             pipeline = state.pipeline
             service = PrivacyService(state.redis, pipeline.producer, state.metrics, pipeline.model,
-                                     hash_key=settings.id_hash_key, default_region=settings.phone_default_region)
+                                     hash_key=settings.id_hash_key, default_region=settings.phone_default_region,
+                                     destinations=state.segments.registry.destinations)
             try:
                 result = await service.handle(kind, identifier)
             except (InvalidIdentifier, ValueError) as exc:

@@ -159,7 +159,7 @@ class Metrics:
         )
         self.privacy_requests = Counter(
             "cdp_privacy_requests_total",
-            "Privacy requests answered, by kind (access/delete/suppress) and status (completed/not_found).",
+            "Privacy requests answered, by kind (access/delete/suppress/unsuppress) and status (completed/not_found).",
             ["kind", "status"],
             registry=r,
         )
@@ -185,7 +185,7 @@ class Metrics:
             self.identity_conflicts.labels(kind)
         for kind in ("entered", "exited"):
             self.segment_transitions.labels(kind)
-        for kind in ("access", "delete", "suppress"):
+        for kind in ("access", "delete", "suppress", "unsuppress"):
             for status in ("completed", "not_found"):
                 self.privacy_requests.labels(kind, status)
         for stage in ("ingest", "identity", "profile", "segments", "output"):

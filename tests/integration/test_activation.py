@@ -201,3 +201,28 @@ async def test_a_merge_exits_the_absorbed_profiles_activations(stage, redis, met
     await deliver(pipeline.producer, later, metrics)
     assert activations(later, survivor) == [("email", "entered", seg)]
     assert SEGMENT_CHANGES in {m.topic for m in later}
+
+
+async def test_deleting_a_person_exits_every_destination_with_what_it_may_receive(stage, redis, producer, metrics, topic_reader):
+    from agents.privacy import PrivacyService
+
+    pipeline, registry = stage
+    ads_topic = await topic_reader(ADS)
+    seg = unique("del").lower()
+    define(registry, {"id": seg, "version": 1, "destinations": ["email", "ads"], "rule": {"trait": "plan", "eq": "vip"}})
+    user = unique("u")
+    address = f"{user}@example.com"
+    joined = await pipeline.handle([record(identify(userId=user, timestamp=now_iso(0), traits={"plan": "vip", "email": address},
+                                                    context=consent(marketing=True, advertising=True)))])
+    pid = await profile_id_of(redis, f"user_id:{user}")
+    assert sorted(activations(joined.outputs, pid)) == [("ads", "entered", seg), ("email", "entered", seg)]
+    privacy = PrivacyService(redis, pipeline.producer, metrics, pipeline.model, hash_key="", default_region="US",
+                             destinations=registry.destinations)
+    result = await privacy.handle("delete", f"email:{address}")
+    assert result["status"] == "completed"
+    [exited] = await ads_topic.collect(lambda r: r.key == pid.encode() and b"exited" in r.value, 1)
+    body = orjson.loads(exited.value)
+    assert body["data"]["cause"] == "deleted" and body["data"]["segmentId"] == seg
+    # The ad platform can remove the person: the hash it matched on, nothing in clear.
+    assert body["data"]["identifiers"] == [{"type": "email", "sha256": hashlib.sha256(address.encode()).hexdigest()}]
+    assert address.encode() not in exited.value

@@ -218,3 +218,29 @@ def test_pick_traits_reads_paths_and_computed_traits(model):
     assert pick_traits(["email", "address.city", "address.zip", "computed.nope"], st, model, 0) == {
         "email": "a@b.c", "address.city": "Oslo",
     }
+
+
+# --- the CLI ------------------------------------------------------------------------
+
+
+def test_segments_apply_refuses_an_unknown_destination_before_publishing(tmp_path, capsys, monkeypatch):
+    from streamcdp.cli import EXIT_USAGE, main
+
+    path = tmp_path / "seg.yaml"
+    path.write_text("id: s1\nversion: 1\ndestinations: [email, crm]\nrule: {trait: plan, eq: pro}\n")
+    # An unreachable broker: the check must refuse before any connection is tried.
+    monkeypatch.setenv("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    assert main(["segments", "apply", str(path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "'crm' is not a configured destination" in err and "defined: ads, email" in err
+
+
+def test_topics_list_names_each_destinations_topic(tmp_path, capsys, monkeypatch):
+    from streamcdp.cli import main
+
+    path = tmp_path / "destinations.yaml"
+    path.write_text("destinations:\n  crm: {purposes: [service]}\n")
+    monkeypatch.setenv("CDP_DESTINATIONS", str(path))
+    assert main(["topics", "list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "cdp.activations.crm" in listed and "cdp.activations.email" not in listed and "cdp.segment-changes" in listed
