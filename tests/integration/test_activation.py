@@ -226,3 +226,49 @@ async def test_deleting_a_person_exits_every_destination_with_what_it_may_receiv
     # The ad platform can remove the person: the hash it matched on, nothing in clear.
     assert body["data"]["identifiers"] == [{"type": "email", "sha256": hashlib.sha256(address.encode()).hexdigest()}]
     assert address.encode() not in exited.value
+
+
+async def test_the_upsell_hold_out_through_a_running_worker(worker, infra, producer, topic_reader, tmp_path):
+    """The seeds' example end to end: the shipped upsell segment (its window cut to
+    3 s) applied with the CLI to a running worker, events on Kafka, activations read
+    from cdp.activations.email, the timer letting the customer back in."""
+    import asyncio
+
+    from streams.topics import EVENTS_WEB
+    from tests.integration.test_segments import cli
+
+    document = yaml.safe_load((ROOT / "config/segments/upsell-candidates.yaml").read_text())
+    seg = unique("upsell-w").lower()
+    rule = orjson.loads(orjson.dumps(document["rule"]).replace(b'"3d"', b'"3s"'))
+    path = tmp_path / "upsell.yaml"
+    path.write_text(yaml.safe_dump({**document, "id": seg, "rule": rule}))
+    applied = await asyncio.to_thread(cli, infra, "segments", "apply", str(path))
+    assert applied.returncode == 0, applied.stderr
+    email_topic = await topic_reader(EMAIL)
+    await asyncio.sleep(1.0)  # the worker follows cdp.segment-definitions
+    user = unique("u")
+
+    async def send(event: dict) -> None:
+        await producer.send_and_wait(EVENTS_WEB, orjson.dumps(event), key=user.encode())
+
+    def mine(r) -> bool:
+        body = orjson.loads(r.value)
+        return body["data"]["segmentId"] == seg
+
+    await send(identify(userId=user, timestamp=now_iso(0), traits={"email": f"{user}@example.com", "email_opt_in": True}))
+    for k in (1, 2):
+        await send(track(userId=user, anonymousId=None, timestamp=now_iso(0.1 * k), event="Order Completed",
+                         properties={"order_id": unique("o"), "total": 10, "currency": "EUR"}))
+    [entered] = await email_topic.collect(mine, 1, timeout_s=30)
+    assert orjson.loads(entered.value)["type"] == "cdp.segment.entered"
+    await send(track(userId=user, anonymousId=None, timestamp=now_iso(0.5), event="Support Ticket Opened"))
+    seen = await email_topic.collect(mine, 2, timeout_s=30)
+    assert len(seen) == 2 and orjson.loads(seen[1].value)["type"] == "cdp.segment.exited"
+    # Never closed: the 3 s window (plus its 1 s bucket) runs out and the timer lets her back in.
+    seen = await email_topic.collect(mine, 3, timeout_s=30)
+    assert len(seen) == 3
+    back = orjson.loads(seen[2].value)
+    assert back["type"] == "cdp.segment.entered" and back["data"]["cause"] == "expiry"
+    assert back["data"]["identifiers"] == [{"type": "email", "value": f"{user}@example.com"},
+                                           {"type": "user_id", "value": user}]
+    await asyncio.to_thread(cli, infra, "segments", "delete", seg)
