@@ -54,7 +54,7 @@ from streams.metrics import Metrics
 from streams.output import Producer, deliver
 from streams.records import OutboundMessage, Record
 from streams.settings import Settings
-from streams.topics import DEAD_LETTER, RESOLVED
+from streams.topics import DEAD_LETTER, RESOLVED, SEGMENT_CHANGES
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,23 @@ class Pipeline:
         metrics.events_processed.inc(result.processed)
         for record in batch:
             metrics.end_to_end_latency.observe(max(0.0, (done_ms - record.timestamp_ms) / 1000))
+        self._observe_change_latency(accepted, outputs, done_ms)
         result.outputs = outputs
         return result
+
+    def _observe_change_latency(self, accepted: list[Accepted], outputs: list[OutboundMessage], done_ms: float) -> None:
+        """Arrival on the input topic (the record's timestamp) → its segment changes
+        acknowledged by Kafka, once per change."""
+        arrived: dict[str, int] | None = None
+        histogram = self.metrics.segment_change_latency
+        for message in outputs:
+            if message.cause is None or message.topic != SEGMENT_CHANGES:
+                continue
+            if arrived is None:
+                arrived = {item.event.message_id: item.record.timestamp_ms for item in accepted}
+            at = arrived.get(message.cause)
+            if at is not None:
+                histogram.observe(max(0.0, (done_ms - at) / 1000))
 
     async def handle_safely(self, batch: Sequence[Record]) -> BatchResult:
         """``handle``, but an unexpected error never loses or silently acks a record.

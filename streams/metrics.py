@@ -137,6 +137,27 @@ class Metrics:
             ["segment"],
             registry=r,
         )
+        self.segment_change_latency = Histogram(
+            "cdp_segment_change_latency_seconds",
+            "From an event's arrival on its input topic (record timestamp) until the segment change it "
+            "caused is acknowledged on cdp.segment-changes; one observation per change.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.segment_expiry_backlog = Gauge(
+            "cdp_segment_expiry_backlog_profiles",
+            "Profiles due for a window re-evaluation and not yet claimed by a worker's timer (all shards).",
+            registry=r,
+        )
+        self.segment_expiry_delay = Gauge(
+            "cdp_segment_expiry_delay_seconds",
+            "How late the oldest unclaimed window re-evaluation is (0 when none is due).",
+            registry=r,
+        )
+        self.segment_backfills_running = Gauge(
+            "cdp_segment_backfills_running", "Back-fills (or sweeps of deleted segments) this worker is running.",
+            registry=r,
+        )
         self.segments_defined = Gauge(
             "cdp_segments_defined", "Segments this worker knows from cdp.segment-definitions.", registry=r
         )

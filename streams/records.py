@@ -36,3 +36,6 @@ class OutboundMessage:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    # The messageId of the input event that caused it (segment changes), for the
+    # arrival-to-change latency; not sent.
+    cause: str | None = None

@@ -53,6 +53,7 @@ async def backfill(engine, redis, producer, metrics, segment, *, chunk: int = 20
     cause = f"{'deleted' if retired else 'definition'}:{segment.id}@{segment.version}"
     started = time.monotonic()
     seen = 0
+    metrics.segment_backfills_running.inc()
     try:
         cursor = 0
         while True:
@@ -79,5 +80,6 @@ async def backfill(engine, redis, producer, metrics, segment, *, chunk: int = 20
                  "swept (deleted)" if retired else "back-filled", seen, time.monotonic() - started)
         return True
     finally:
+        metrics.segment_backfills_running.dec()
         if await redis.get(lease) == token.encode():
             await redis.delete(lease)

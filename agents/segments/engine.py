@@ -441,8 +441,11 @@ class SegmentEngine:
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in range(DUE_SHARDS):
                 pipe.evalsha(claim, 1, DUE_KEY % shard, now_ms, lease, limit)
-            claimed = await pipe.execute()
-        profile_ids = sorted({text(p) for shard in claimed for p in shard})
+            replies = await pipe.execute()
+        profile_ids = sorted({text(p) for members, _, _ in replies for p in members})
+        self.metrics.segment_expiry_backlog.set(sum(int(left) for _, left, _ in replies))
+        oldest = [int(float(at)) for _, _, at in replies if text(at)]
+        self.metrics.segment_expiry_delay.set(max(0.0, (now_ms - min(oldest)) / 1000) if oldest else 0.0)
         if not profile_ids:
             return []
         messages = await self.evaluate_profiles(profile_ids, None, f"expiry:{now_ms}", now_ms)
@@ -626,7 +629,7 @@ def change_message(transition: Transition, chosen: dict, state: State | None, no
         "causeEventId": transition.cause_event,
         "cause": _cause(transition),
     }, now_ms)
-    return OutboundMessage(SEGMENT_CHANGES, transition.profile_id.encode(), orjson.dumps(body))
+    return OutboundMessage(SEGMENT_CHANGES, transition.profile_id.encode(), orjson.dumps(body), cause=transition.cause_event)
 
 
 def activation_message(transition: Transition, destination: Destination | None, state: State | None,
@@ -648,7 +651,7 @@ def activation_message(transition: Transition, destination: Destination | None, 
         "cause": _cause(transition),
     }, now_ms)
     topic = destination.topic if destination is not None else f"cdp.activations.{name}"
-    return OutboundMessage(topic, transition.profile_id.encode(), orjson.dumps(body))
+    return OutboundMessage(topic, transition.profile_id.encode(), orjson.dumps(body), cause=transition.cause_event)
 
 
 def _marker(transitions: Sequence[Transition]) -> str:

@@ -63,9 +63,11 @@ return {1}
 
 CLAIM_DUE = """
 -- KEYS: a schedule shard. ARGV: now_ms, lease_until_ms, limit
+-- Answers {claimed members, due entries left unclaimed, due time of the oldest ('' = none due)}.
+local oldest = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, 1)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], member) end
-return due
+return {due, redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[1]), oldest[2] or ''}
 """
 
 FINISH_DUE = """

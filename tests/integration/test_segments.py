@@ -235,3 +235,24 @@ async def test_deleting_a_segment_exits_its_members(stage, redis, producer, metr
     from agents.profiles.store import read_profile
 
     assert seg not in (await read_profile(redis, pid))["segments"]
+
+
+async def test_change_latency_and_the_timer_backlog_are_measured(stage, redis, metrics):
+    pipeline, registry = stage
+    seg = unique("measured").lower()
+    define(registry, {"id": seg, "version": 1, "rule": {"event": "Product Added", "within": "5s"}})
+    before = metrics.registry.get_sample_value("cdp_segment_change_latency_seconds_count") or 0.0
+    user = unique("u")
+    arrived = record(track(userId=user, anonymousId=None, event="Product Added", timestamp=now_iso()))
+    result = await pipeline.handle([arrived])
+    pid = await profile_id_of(redis, f"user_id:{user}")
+    assert changes(result.outputs, pid) == [("entered", seg)]
+    # One observation per change, measured from the record's arrival.
+    assert metrics.registry.get_sample_value("cdp_segment_change_latency_seconds_count") == before + 1
+    # The window runs out 6 s later (5 s plus a 1 s bucket); a timer running 30 s late
+    # reports at least that delay (other tests' entries can only be older), and
+    # nothing left unclaimed after its pass.
+    late = int(time.time() * 1000) + 36_000
+    await pipeline.segments.expire_due(late)
+    assert 29.0 <= metrics.registry.get_sample_value("cdp_segment_expiry_delay_seconds") < 3600
+    assert metrics.registry.get_sample_value("cdp_segment_expiry_backlog_profiles") == 0
