@@ -48,6 +48,9 @@ AGGREGATES = ("count", "sum", "avg", "min", "max", "first", "last", "distinct", 
 _NEEDS_PROPERTY = {"sum", "avg", "min", "max", "distinct", "rfm", "first", "last"}
 _WINDOWED = {"count", "sum", "avg"}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# Segment event conditions keep their counters beside the computed traits, as
+# "win:c<12 hex>" / "add:c<12 hex>" (agents.segments.rules.EventCondition.id).
+_CONDITION_NAME = re.compile(r"c[0-9a-f]{12}")
 _DURATION = re.compile(r"\s*(\d+)\s*(s|m|h|d)\s*")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 # Group and distinct values are kept short: they become hash fields and values.
@@ -466,6 +469,8 @@ def _parse_trait(entry: object, where: str) -> ComputedTrait:
     name = entry.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(f"{where}.name: {name!r} is not a name (letters, digits and _, at most 64, not starting with a digit)")
+    if _CONDITION_NAME.fullmatch(name):
+        raise ConfigError(f"{where}.name: {name!r} looks like a segment condition's counter (c + 12 hex digits); choose another name")
     where = f"{where} ({name})"
     aggregate = entry.get("aggregate")
     if aggregate not in AGGREGATES:

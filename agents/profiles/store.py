@@ -41,8 +41,10 @@ APPLY_EVENT = FUNCTIONS + """
 --       id_origin, match_record (or ''), history_entry (or ''), history_length,
 --       want_state ('1': answer with the profile's state after the event),
 --       n_traits, (name, json) * n_traits, n_ops, (op, field, group, value, extra) * n_ops,
---       identifier...
+--       n_wanted, condition field * n_wanted, identifier...
 -- Answers {status, rev[, traits, computed, segments, identifiers]}; a redelivery {2, its seen record}.
+-- The computed fields answered leave out the segment conditions' counters
+-- ("win:c<12 hex>", "add:c<12 hex>") other than the wanted ones.
 local head = redis.call('HMGET', KEYS[1], 'merged_into', 'deleted')
 if head[1] then return {5, head[1]} end
 if head[2] then return {6} end
@@ -86,13 +88,23 @@ for _ = 1, n do
   apply_op(KEYS[5], ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
   i = i + 5
 end
+n = tonumber(ARGV[i]); i = i + 1
+local wanted = {}
+for _ = 1, n do wanted[ARGV[i]] = true; i = i + 1 end
 for j = i, #ARGV do redis.call('HSETNX', KEYS[3], ARGV[j], ARGV[7]) end
 -- The profile's revision: every change of its state counts it up (FOLD too), so a
 -- segment evaluation can tell whether the state it saw is still the current one.
 local rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
 if ARGV[11] == '1' then
-  return {status, rev, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[5]), redis.call('HGETALL', KEYS[8]),
-          redis.call('HKEYS', KEYS[3])}
+  local all, computed = redis.call('HGETALL', KEYS[5]), {}
+  for k = 1, #all, 2 do
+    local f = all[k]
+    if #f ~= 17 or string.sub(f, 4, 5) ~= ':c' or wanted[f] then
+      computed[#computed + 1] = f
+      computed[#computed + 1] = all[k + 1]
+    end
+  end
+  return {status, rev, redis.call('HGETALL', KEYS[2]), computed, redis.call('HGETALL', KEYS[8]), redis.call('HKEYS', KEYS[3])}
 end
 return {status, rev}
 """
@@ -119,7 +131,7 @@ def apply_event_call(
     match_record: bytes = b"",
     plain: bool = False,
     extra_ops: Sequence[object] = (),
-    want_state: bool = False,
+    want_state: bool | Sequence[str] = False,
 ) -> tuple[list[str], list[object]]:
     """KEYS and ARGV of ``APPLY_EVENT`` for one event (pure).
 
@@ -129,12 +141,14 @@ def apply_event_call(
     ``plain``: the event holds no sensitive name (skips the protection walk).
     ``extra_ops``: more computed-field operations (the segment stage's counters).
     ``want_state``: answer with the profile's traits, computed fields and
-    memberships after the event (for segment evaluation)."""
+    memberships after the event (for segment evaluation); a sequence names the
+    segment conditions' counter fields wanted (the others are left out)."""
     keys = ProfileKeys(profile_id)
     args: list[object] = [
         origin_digest(origin), dedupe_ttl_s * 1000, event.timestamp_ms, now_ms, profile_id,
         message_field(event.message_id), identifier_origin(event), match_record,
-        model.history_entry(event, plain=plain), model.history_length, b"1" if want_state else b"0",
+        model.history_entry(event, plain=plain), model.history_length,
+        b"0" if want_state is False or want_state is None else b"1",
     ]
     traits = model.traits_of(event, plain=plain)
     args.append(len(traits))
@@ -145,6 +159,9 @@ def apply_event_call(
     args.append((len(ops) + len(extra_ops)) // 5)
     args.extend(ops)
     args.extend(extra_ops)
+    wanted = () if isinstance(want_state, bool) else want_state
+    args.append(len(wanted))
+    args.extend(wanted)
     args.extend(str(i) for i in identifiers)
     return [keys.meta, keys.traits, keys.ids, keys.seen, keys.computed, keys.history, keys.match, keys.segments], args
 

@@ -72,7 +72,7 @@ class State:
     rev: str
     traits: dict[str, bytes]
     computed: dict[str, str]
-    segments: dict[str, str]  # segment id → "version|entered ms|cause"
+    segments: dict[str, str]  # segment id (or "<segment>><destination>") → "version|entered ms"
     identifiers: list[str]
     # Worked out once per state when first needed (change events read them per transition).
     _nested: dict | None = None
@@ -122,6 +122,7 @@ class SegmentEngine:
         self._script = script  # Pipeline._script: Lua source → SHA
         self._conditions: dict = {}
         self._conditions_for = None  # the SegmentSet _conditions was built from
+        self._segment_fields: dict[str, tuple[str, ...]] = {}  # by segment fingerprint
 
     # ---------------------------------------------------------------- per event
 
@@ -129,9 +130,10 @@ class SegmentEngine:
     def index(self):
         return self.registry.index
 
-    def ops(self, event: Event) -> tuple[list, bool]:
+    def ops(self, event: Event) -> tuple[list, tuple[str, ...] | bool]:
         """The counter operations of ``event`` and whether its profile's state is
-        wanted back (some segment is affected by it)."""
+        wanted back (some segment is affected by it): False, or the counter fields
+        of the conditions the affected segments read (the others are not answered)."""
         index = self.index
         ops: list = []
         for condition in index.conditions_for(event):
@@ -145,11 +147,23 @@ class SegmentEngine:
             else:
                 ops.extend((ADD, f"add:{condition.id}", "", amount, 1))
         # A superset: segments true for an empty profile count if the event creates one.
+        affected = index.affected_by(event, new_profile=True)
+        if affected:
+            fields = self._fields
+            return ops, tuple({f for segment in affected for f in fields(segment)})
         # A consent choice may change where the profile's memberships are activated.
-        wanted = bool(index.affected_by(event, new_profile=True)) or (
-            index.activating and bool(self.model.consent_of(event))
-        )
-        return ops, wanted
+        if index.activating and self.model.consent_of(event):
+            return ops, ()
+        return ops, False
+
+    def _fields(self, segment) -> tuple[str, ...]:
+        """The counter fields of a segment's event conditions (cached per segment)."""
+        fields = self._segment_fields.get(segment.fingerprint)
+        if fields is None:
+            fields = self._segment_fields[segment.fingerprint] = tuple(
+                f"{'win' if c.within_ms is not None else 'add'}:{c.id}" for c in segment.event_conditions()
+            )
+        return fields
 
     # ---------------------------------------------------------------- a batch
 
@@ -280,13 +294,13 @@ class SegmentEngine:
             member = bool(segment.evaluate(view))
             held = membership.get(segment.id)
             if member and held is None:
-                membership[segment.id] = f"{segment.version}|{now_ms}|{cause}"
+                membership[segment.id] = f"{segment.version}|{now_ms}"
                 found.append(Transition(state.profile_id, segment.id, segment.version, ENTERED, cause, cause_event))
             elif not member and held is not None:
                 del membership[segment.id]
                 found.append(Transition(state.profile_id, segment.id, segment.version, EXITED, cause, cause_event))
             elif member and not held.startswith(f"{segment.version}|"):
-                membership[segment.id] = f"{segment.version}|{held.split('|', 2)[1]}|{cause}"  # still a member
+                membership[segment.id] = f"{segment.version}|{held.split('|', 2)[1]}"  # still a member
         return found
 
     def _activate(self, state: State, membership: dict[str, str], entered: set[str], cause: str,
@@ -326,10 +340,10 @@ class SegmentEngine:
             held = membership.get(field)
             segment_id, _, name = field.partition(ACTIVATION)
             if held is None:
-                membership[field] = f"{version}|{now_ms}|{cause}"
+                membership[field] = f"{version}|{now_ms}"
                 found.append(Transition(state.profile_id, segment_id, version, ENTERED, cause, cause_event, name))
             elif not held.startswith(f"{version}|"):
-                membership[field] = f"{version}|{held.split('|', 2)[1]}|{cause}"
+                membership[field] = f"{version}|{held.split('|', 2)[1]}"
         found.extend(Transition(state.profile_id, segment_id, version, BLOCKED, cause, cause_event, name)
                      for segment_id, version, name in blocked)
         return found
@@ -500,7 +514,7 @@ class _Cause:
 def membership_exits(profile_id: str, memberships: dict[str, str], identifiers: list[str], cause: str, now_ms: int,
                      metrics: Metrics, destinations: Mapping[str, Destination] | None = None) -> list[OutboundMessage]:
     """An exited change event for each of a profile's memberships (segment id →
-    "version|entered ms|cause"), caused by ``cause`` (a merge or a deletion), not by
+    "version|entered ms"), caused by ``cause`` (a merge or a deletion), not by
     an event; and an exit for each of its activations, on its destination's topic,
     with the identifiers that destination may receive (``destinations``; none when
     the destination is not configured here)."""

@@ -93,7 +93,11 @@ def test_apply_event_arguments():
     assert args[11:18] == [3, "plan", b'"pro"', "address.city", b'"Oslo"', "$consent.marketing", b'[false,"m1","web"]']
     n_ops = args[18]
     assert n_ops == len(model.computed.plan(event)) // 5 and n_ops >= 1  # event_counts, channels_used
-    assert args[19 + 5 * n_ops:] == ["user_id:u1"]
+    assert args[19 + 5 * n_ops:] == [0, "user_id:u1"]  # no condition fields wanted, then the identifiers
+    # With segment state wanted: the answer's condition counters are only the named ones.
+    _, wanting = apply_event_call(event, "p_1", "t/0/5", [Identifier("user_id", "u1")], model=model, dedupe_ttl_s=60,
+                                  now_ms=99, want_state=("win:c0123456789ab",))
+    assert wanting[10] == b"1" and wanting[19 + 5 * n_ops:] == [1, "win:c0123456789ab", "user_id:u1"]
 
 
 def test_resolved_message_carries_profile_and_source():
