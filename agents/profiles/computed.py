@@ -204,6 +204,8 @@ class ComputedTraits:
 
     def __init__(self, traits: Sequence[ComputedTrait]) -> None:
         self.traits = tuple(traits)
+        self.by_name = {t.name: t for t in self.traits}
+        self.names = frozenset(self.by_name)
         self._every: list[ComputedTrait] = [t for t in self.traits if t.events is None]
         self._by_event: dict[str, list[ComputedTrait]] = {}
         for trait in self.traits:
@@ -267,7 +269,8 @@ class ComputedTraits:
 
 class LazyComputed(Mapping):
     def __init__(self, traits: "ComputedTraits", fields: Mapping[str, str], now_ms: int) -> None:
-        self._by_name = {t.name: t for t in traits.traits}
+        self._by_name = traits.by_name
+        self._names = traits.names
         self._fields = fields
         self._now = now_ms
         self._stored: _Stored | None = None
@@ -278,9 +281,17 @@ class LazyComputed(Mapping):
             return self._done[name]
         trait = self._by_name[name]
         if self._stored is None:
-            self._stored = _Stored(self._fields, frozenset(self._by_name))
+            self._stored = _Stored(self._fields, self._names)
         value = self._done[name] = _present_one(trait, self._stored, self._now)
         return value
+
+    def get(self, name: str, default=None):
+        # Mapping.get goes through __getitem__ and a KeyError; segment rules call this per read.
+        if name in self._done:
+            return self._done[name]
+        if name not in self._by_name:
+            return default
+        return self[name]
 
     def __iter__(self):
         return iter(self._by_name)

@@ -580,6 +580,14 @@ class LazyCounters(Mapping):
         self._done[condition_id] = value
         return value
 
+    def get(self, condition_id: str, default=None):
+        # Mapping.get goes through __getitem__ and a KeyError; rules call this per read.
+        if condition_id in self._done:
+            return self._done[condition_id]
+        if condition_id not in self._conditions:
+            return default
+        return self[condition_id]
+
     def __iter__(self):
         return iter(self._conditions)
 
