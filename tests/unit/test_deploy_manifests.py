@@ -11,10 +11,13 @@ a runbook link to a heading that does not exist.
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 
 from streams.settings import Settings
 from tests import monitoring_refs as refs
@@ -24,6 +27,16 @@ K8S = ROOT / "deploy" / "k8s"
 GRAFANA = ROOT / "deploy" / "grafana"
 OPERATIONS = ROOT / "docs" / "operations.md"
 COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
+#: The configuration files the worker reads: setting variable → shipped file.
+CONFIG_FILES = {
+    "CDP_IDENTITY_RULES": "config/identity-rules.yaml",
+    "CDP_MATCHING_CONFIG": "config/matching.yaml",
+    "CDP_PROFILE_CONFIG": "config/profile.yaml",
+    "CDP_COMPUTED_TRAITS": "config/computed-traits.yaml",
+    "CDP_DESTINATIONS": "config/destinations.yaml",
+}
 
 STANDARD_KINDS = {
     ("v1", "Namespace"),
@@ -328,13 +341,25 @@ def _destinations(document, source):
     return Destinations.parse(document, source=source)
 
 
+_PARSERS = {
+    "CDP_IDENTITY_RULES": _identity_rules,
+    "CDP_MATCHING_CONFIG": _matching,
+    "CDP_PROFILE_CONFIG": _profile,
+    "CDP_COMPUTED_TRAITS": _computed,
+    "CDP_DESTINATIONS": _destinations,
+}
+
+
+def test_every_config_setting_has_a_parser() -> None:
+    from streams import settings as settings_module
+
+    variables = {variable for variable, _ in settings_module._ENV.values()}
+    assert set(CONFIG_FILES) <= variables and set(_PARSERS) == set(CONFIG_FILES)
+
+
 @pytest.mark.parametrize(
     ("variable", "shipped", "parse"),
-    [("CDP_IDENTITY_RULES", "config/identity-rules.yaml", _identity_rules),
-     ("CDP_MATCHING_CONFIG", "config/matching.yaml", _matching),
-     ("CDP_PROFILE_CONFIG", "config/profile.yaml", _profile),
-     ("CDP_COMPUTED_TRAITS", "config/computed-traits.yaml", _computed),
-     ("CDP_DESTINATIONS", "config/destinations.yaml", _destinations)],
+    [(variable, shipped, _PARSERS[variable]) for variable, shipped in CONFIG_FILES.items()],
 )
 def test_config_files_are_mounted_where_the_worker_looks(docs, variable, shipped, parse) -> None:
     [worker] = [w for w in _of_kind(docs, *WORKLOAD_KINDS) if _command(w["spec"]["template"]["spec"]["containers"][0]) == "worker"]
@@ -349,6 +374,38 @@ def test_config_files_are_mounted_where_the_worker_looks(docs, variable, shipped
         f"ConfigMap {configmap['metadata']['name']} differs from {shipped}: copy the file into it"
     )
     parse(yaml.safe_load(content), f"configmap {configmap['metadata']['name']}")
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_the_image_points_every_config_setting_at_the_shipped_file() -> None:
+    """Installed with pip, the package does not find the repository's config/; the
+    image (docker compose's worker, `docker run`) must point each setting at its copy,
+    or the worker runs on built-in defaults (no destinations at all)."""
+    copies: dict[str, str] = {}
+    env: dict[str, str] = {}
+    for word, arg in _dockerfile_instructions():
+        if word == "COPY":
+            *sources, target = shlex.split(arg)
+            for source in sources:
+                copies[target.rstrip("/")] = source.rstrip("/")
+        elif word == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(arg))
+    for variable, shipped in CONFIG_FILES.items():
+        assert variable in env, f"the image does not set {variable}"
+        directory, name = env[variable].rsplit("/", 1)
+        assert directory in copies, f"{variable}={env[variable]}: the image copies nothing to {directory}"
+        assert f"{copies[directory]}/{name}" == shipped, f"{variable} points at {copies[directory]}/{name}, not {shipped}"
+        assert (ROOT / shipped).is_file()
 
 
 def test_env_configmap_holds_valid_settings(docs) -> None:
@@ -400,6 +457,38 @@ def test_code_exports_the_readme_metrics() -> None:
     families = {refs.worker_series()[name] for name in worker}
     for name in listed:
         assert name in worker or name in families, f"README lists {name}, which the worker does not export"
+
+
+def _exported_metrics() -> dict[str, tuple[str, set[str]]]:
+    """Series name (counters with ``_total``) → (type, label names) of every metric the
+    worker and the collector define."""
+    from streamcdp.collector.metrics import CollectorMetrics
+    from streams.metrics import Metrics
+
+    out = {}
+    for metrics in (Metrics(CollectorRegistry()), CollectorMetrics(CollectorRegistry())):
+        for value in vars(metrics).values():
+            if isinstance(value, MetricWrapperBase):
+                name = value._name + ("_total" if value._type == "counter" else "")  # noqa: SLF001
+                out[name] = (value._type, set(value._labelnames))  # noqa: SLF001
+    return out
+
+
+def _documented_metrics() -> dict[str, tuple[str, set[str]]]:
+    section = OPERATIONS.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\|\s*`(cdp_[a-z_]+)`\s*\|\s*(\w+)\s*\|([^|]*)\|", section, re.M)
+    names = [name for name, _, _ in rows]
+    assert len(names) == len(set(names)), "a metric is listed twice in docs/operations.md"
+    return {name: (kind, set(re.findall(r"`(\w+)`", labels))) for name, kind, labels in rows}
+
+
+def test_operations_lists_every_metric_with_its_type_and_labels() -> None:
+    exported, documented = _exported_metrics(), _documented_metrics()
+    assert len(exported) >= 35
+    assert sorted(set(exported) - set(documented)) == [], "metrics missing from the table in docs/operations.md"
+    assert sorted(set(documented) - set(exported)) == [], "docs/operations.md lists metrics nothing exports"
+    for name, (kind, labels) in exported.items():
+        assert documented[name] == (kind, labels), f"{name}: the code has {kind} {sorted(labels)}, the table {documented[name]}"
 
 
 # ------------------------------------------------------------------ Prometheus
@@ -489,10 +578,30 @@ def test_the_alerts_the_issue_asks_for_exist() -> None:
         "up": "worker down",
         "cdp_collector_requests_total": "collector 5xx",
     }
+    wanted |= {
+        "cdp_segment_change_latency_seconds_bucket": "segment-change p99 latency",
+        "cdp_segment_expiry_delay_seconds": "segment timer falling behind",
+        "cdp_kafka_produce_errors_total": "produce errors (activation delivery among them)",
+    }
     used = set().union(*(refs.promql_metric_names(e) for e in exprs.values()))
     for metric, what in wanted.items():
         assert metric in used, f"no alert for {what} ({metric})"
     assert "histogram_quantile(0.99" in " ".join(exprs.values())
+    assert 'topic=~"cdp\\\\.activations\\\\..+"' in exprs["StreamcdpActivationDeliveryErrors"]
+    assert 'topic!~"cdp\\\\.activations\\\\..+"' in exprs["StreamcdpKafkaProduceErrors"], "two alerts for one error"
+
+
+def test_alert_rule_tests_name_existing_alerts() -> None:
+    """deploy/prometheus/alerts_test.yml (run with promtool) tests these rules and
+    only alerts that exist; every alert whose expression is more than a threshold
+    on one metric has a test there."""
+    document = yaml.safe_load(ALERT_TESTS.read_text())
+    assert document["rule_files"] == [refs.ALERTS.name]
+    tested = {case["alertname"] for test in document["tests"] for case in test["alert_rule_test"]}
+    alerts = {rule["alert"] for rule in refs.alert_rules()}
+    assert tested <= alerts, f"alerts_test.yml tests unknown alerts: {tested - alerts}"
+    assert {"StreamcdpActivationDeliveryErrors", "StreamcdpKafkaProduceErrors", "StreamcdpSegmentChangeLatencyP99High",
+            "StreamcdpSegmentTimerBehind", "StreamcdpSegmentBackfillStalled"} <= tested
 
 
 # ------------------------------------------------------------------ Grafana
@@ -509,8 +618,8 @@ def test_dashboard_shape() -> None:
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     rows = {p["title"] for p in panels if p["type"] == "row"}
-    for wanted in ("Throughput", "Dead letters", "Latency", "Identity", "Redis", "Kafka consumer lag",
-                   "Worker readiness", "Collector"):
+    for wanted in ("Throughput", "Dead letters", "Latency", "Identity", "Segments", "Activation and privacy", "Redis",
+                   "Kafka consumer lag", "Worker readiness", "Collector"):
         assert wanted in rows, f"no row {wanted!r}"
     occupied: dict[tuple[int, int], str] = {}
     for panel in panels:
@@ -552,8 +661,40 @@ def test_dashboard_shows_every_metric_the_issue_names() -> None:
         "cdp_redis_call_duration_seconds_bucket", "cdp_redis_errors_total", "cdp_consumer_lag_events",
         "cdp_worker_ready", "up", "cdp_collector_requests_total", "cdp_collector_events_received_total",
         "cdp_collector_request_duration_seconds_bucket",
+        # segments, activation and privacy
+        "cdp_segment_transitions_total", "cdp_segment_change_latency_seconds_bucket",
+        "cdp_segment_expiry_delay_seconds", "cdp_segment_expiry_backlog_profiles", "cdp_segment_backfills_running",
+        "cdp_segment_backfill_profiles_total", "cdp_activations_total", "cdp_activations_consent_blocked_total",
+        "cdp_events_suppressed_total", "cdp_privacy_requests_total", "cdp_profiles_deleted_total",
     ):
         assert metric in used, f"the dashboard does not show {metric}"
+
+
+def test_dashboard_queries_follow_the_instance_variables() -> None:
+    """Every selector of a streamcdp metric narrows to the chosen instances, as the
+    worker and collector variables promise."""
+    worker, collector = set(refs.worker_series()), set(refs.collector_series())
+    for title, expr in refs.dashboard_exprs():
+        for name, matchers in re.findall(r"\b(cdp_[a-z_]+)(\{[^}]*\})?", expr):
+            variable = "$worker" if name in worker else "$collector" if name in collector else None
+            assert variable, f"{title}: {name} is neither the worker's nor the collector's"
+            assert f'instance=~"{variable}"' in matchers, f"{title}: {name} without instance=~\"{variable}\""
+
+
+def test_dashboard_rows_keep_their_panels_together() -> None:
+    """Panels sit below their row and above the next one (the file's order is the
+    screen's), so a row collapsed or moved in Grafana takes the right panels along."""
+    panels = refs.dashboard()["panels"]
+    row_y = None
+    last_y = -1
+    for panel in panels:
+        y = panel["gridPos"]["y"]
+        assert y >= last_y, f"{panel['title']!r} is above the panel before it in the file"
+        if panel["type"] == "row":
+            row_y = y
+        else:
+            assert row_y is not None and y > row_y, f"{panel['title']!r} is not below its row"
+        last_y = y
 
 
 # ------------------------------------------------------------------ compose
