@@ -64,6 +64,7 @@ class WorkerState:
         self._redis: aioredis.Redis | None = None
         self._pipeline: Pipeline | None = None
         self.segments = SegmentRuntime(settings)
+        metrics.precreate_destinations(self.segments.registry.destinations)
         self.next_offsets: dict[tuple[str, int], int] = {}
         self._redis_ok_at = 0.0
         self._lag_labels: set[tuple[str, str]] = set()

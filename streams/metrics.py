@@ -187,15 +187,26 @@ class Metrics:
         self.up = Gauge("cdp_worker_ready", "1 while the worker is ready to process events.", registry=r)
         self._precreate()
 
+    def precreate_destinations(self, names) -> None:
+        """The series of the configured activation destinations, at zero (their
+        topics are ``cdp.activations.<name>``)."""
+        for name in names:
+            topic = f"cdp.activations.{name}"
+            self.events_produced.labels(topic)
+            self.kafka_errors.labels(topic)
+            self.activations_blocked.labels(name)
+            for kind in ("entered", "exited"):
+                self.activations.labels(name, kind)
+
     def _precreate(self) -> None:
         """Create the known label sets at zero, so a series exists before its first
         increment and rate() sees that first burst."""
         from schemas.events import RejectReason
-        from streams.topics import DEAD_LETTER, IDENTITY_MERGES, INBOUND, RESOLVED, SEGMENT_CHANGES
+        from streams.topics import DEAD_LETTER, IDENTITY_MERGES, INBOUND, PRIVACY_EVENTS, RESOLVED, SEGMENT_CHANGES
 
         for topic in INBOUND:
             self.events_consumed.labels(topic)
-        for topic in (RESOLVED, DEAD_LETTER, IDENTITY_MERGES, SEGMENT_CHANGES):
+        for topic in (RESOLVED, DEAD_LETTER, IDENTITY_MERGES, SEGMENT_CHANGES, PRIVACY_EVENTS):
             self.events_produced.labels(topic)
             self.kafka_errors.labels(topic)
         for reason in (*(r.value for r in RejectReason), "processing_error", "store_error"):

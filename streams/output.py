@@ -18,6 +18,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from streams.metrics import Metrics
 from streams.records import OutboundMessage
+from streams.topics import DEAD_LETTER
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,11 @@ async def _enqueue(producer: Producer, message: OutboundMessage) -> Awaitable[An
 
 
 def _shrunk(message: OutboundMessage) -> OutboundMessage:
-    if len(message.value) <= _TRUNCATED_BYTES:
+    """A dead letter too large for the broker, cut (its record stays at its source
+    offset). Other outputs are never cut: a cut JSON document would be a broken one;
+    they are bounded by the 32 KiB input limit, so this cannot happen to them short
+    of a broker limit set below that, which the produce-error alert reports."""
+    if message.topic != DEAD_LETTER or len(message.value) <= _TRUNCATED_BYTES:
         return message
     headers = message.headers + (
         ("cdp.dlq.truncated", b"true"),

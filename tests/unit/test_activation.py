@@ -244,3 +244,23 @@ def test_topics_list_names_each_destinations_topic(tmp_path, capsys, monkeypatch
     assert main(["topics", "list"]) == 0
     listed = capsys.readouterr().out.split()
     assert "cdp.activations.crm" in listed and "cdp.activations.email" not in listed and "cdp.segment-changes" in listed
+
+
+def test_each_configured_destination_has_its_series_before_its_first_message():
+    metrics = Metrics()
+    metrics.precreate_destinations(Destinations.parse(DESTINATIONS))
+    sample = metrics.registry.get_sample_value
+    assert sample("cdp_kafka_produce_errors_total", {"topic": "cdp.activations.ads"}) == 0
+    assert sample("cdp_activations_total", {"destination": "ccpa", "kind": "exited"}) == 0
+    assert sample("cdp_activations_consent_blocked_total", {"destination": "email"}) == 0
+
+
+def test_only_dead_letters_are_cut_when_too_large_for_the_broker():
+    from streams.output import _shrunk
+    from streams.records import OutboundMessage
+
+    big = b"x" * (2 * 1024 * 1024)
+    cut = _shrunk(OutboundMessage("cdp.events.dead-letter", b"k", big))
+    assert len(cut.value) == 512 * 1024 and ("cdp.dlq.truncated", b"true") in cut.headers
+    change = OutboundMessage("cdp.activations.email", b"p", big)
+    assert _shrunk(change) is change  # never a cut (broken) JSON document
