@@ -36,6 +36,7 @@ class SegmentRuntime:
         self._pipeline = None
         self._backfills: dict[str, asyncio.Task] = {}
         self._checked = False
+        self._series: set[str] = set()  # segments whose transition series exist
 
     def attach(self, pipeline) -> None:
         self._pipeline = pipeline
@@ -49,7 +50,12 @@ class SegmentRuntime:
         pipeline = self._pipeline
         if pipeline is None or pipeline.segments is None or not self.registry.loaded.is_set():
             return
-        pipeline.metrics.segments_defined.set(len(self.registry.index.segments))
+        segments = self.registry.index.segments
+        new = segments.keys() - self._series
+        if new:
+            pipeline.metrics.precreate_segments(new)
+            self._series.update(new)
+        pipeline.metrics.segments_defined.set(len(segments))
         if not self._checked:  # the first tick after the definitions are loaded
             self._checked = True
             self.check_backfills()

@@ -122,8 +122,9 @@ class Metrics:
         )
         self.segment_transitions = Counter(
             "cdp_segment_transitions_total",
-            "Segment membership changes published on cdp.segment-changes, by kind (entered/exited).",
-            ["kind"],
+            "Segment membership changes published on cdp.segment-changes, by segment and kind (entered/exited); "
+            "the segment label is bounded by the segments defined.",
+            ["segment", "kind"],
             registry=r,
         )
         self.segment_expiry_checks = Counter(
@@ -187,6 +188,13 @@ class Metrics:
         self.up = Gauge("cdp_worker_ready", "1 while the worker is ready to process events.", registry=r)
         self._precreate()
 
+    def precreate_segments(self, segment_ids) -> None:
+        """The transition series of these segments, at zero (a new segment's first
+        burst then shows in rate())."""
+        for segment_id in segment_ids:
+            for kind in ("entered", "exited"):
+                self.segment_transitions.labels(segment_id, kind)
+
     def precreate_destinations(self, names) -> None:
         """The series of the configured activation destinations, at zero (their
         topics are ``cdp.activations.<name>``)."""
@@ -215,8 +223,6 @@ class Metrics:
             self.duplicates.labels(kind)
         for kind in ("claim", "parent", "moved", "deleted", "segment_rev"):
             self.identity_conflicts.labels(kind)
-        for kind in ("entered", "exited"):
-            self.segment_transitions.labels(kind)
         for kind in ("access", "delete", "suppress", "unsuppress"):
             for status in ("completed", "not_found"):
                 self.privacy_requests.labels(kind, status)

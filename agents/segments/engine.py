@@ -489,7 +489,7 @@ class SegmentEngine:
             state = states.get(transition.profile_id)
             if transition.destination is None:
                 segment = self.index.segments.get(transition.segment_id)
-                self.metrics.segment_transitions.labels(_kind(transition)).inc()
+                self.metrics.segment_transitions.labels(transition.segment_id, _kind(transition)).inc()
                 chosen = pick_traits(segment.chosen_traits, state, self.model, now_ms) if segment is not None else {}
                 out.append(change_message(transition, chosen, state, now_ms))
                 continue
@@ -525,7 +525,7 @@ def membership_exits(profile_id: str, memberships: dict[str, str], identifiers: 
         segment_id, _, name = field.partition(ACTIVATION)
         transition = Transition(profile_id, segment_id, version, EXITED, cause, None, name or None)
         if not name:
-            metrics.segment_transitions.labels("exited").inc()
+            metrics.segment_transitions.labels(segment_id, "exited").inc()
             out.append(change_message(transition, {}, state, now_ms))
             continue
         metrics.activations.labels(name, "exited").inc()
