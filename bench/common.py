@@ -15,8 +15,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -106,6 +108,33 @@ async def active_groups(settings: Settings, ignore_prefix: str) -> list[str]:
     return active
 
 
+async def wait_for_quiet(settings: Settings, timeout_s: float, ignore_prefix: str = "streamcdp-bench-") -> list[str]:
+    """Give other consumer groups (test sessions' workers, which would also read the
+    input a real worker gets on ``cdp.events.*``) up to ``timeout_s`` to go idle;
+    return those still active."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        others = await active_groups(settings, ignore_prefix)
+        if not others or time.monotonic() > deadline:
+            return others
+        await asyncio.sleep(2.0)
+
+
+async def group_state(settings: Settings, group: str) -> tuple[str, int]:
+    """A consumer group's state ("Stable", "PreparingRebalance", ...) and members."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers())
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    for response in described:
+        for g in response.groups:
+            if g[1] == group:
+                return g[2], len(g[-1])
+    return "Dead", 0
+
+
 async def partitions_of(settings: Settings, topics: Iterable[str]) -> list[TopicPartition]:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers())
     await admin.start()
@@ -154,17 +183,26 @@ def message_id_of(record) -> str | None:
         return None
 
 
-class Collector:
-    """Reads output topics from their current end and notes, for each expected key,
-    when it became visible here and the output record's own timestamp."""
+class Watch:
+    """Reads one or more output topics from their current end; for each expected key
+    (``key_of(record)``) notes when it was first read here (wall clock, s) and how
+    many records carried it; ``label_of`` (optional) tallies the expected records by
+    label. Records of keys not expected are counted in ``others``."""
 
-    def __init__(self, settings: Settings, topics: list[str], key_of: Callable) -> None:
+    def __init__(
+        self, settings: Settings, topics: list[str], key_of: Callable, expected: set | None = None,
+        label_of: Callable | None = None,
+    ) -> None:
         self.settings = settings
         self.topics = topics
         self.key_of = key_of
-        self.expected: set = set()
-        self.seen: dict = {}  # key -> (wall-clock arrival s, record timestamp ms)
-        self._consumer = consumer(settings, None, fetch_max_wait_ms=100)
+        self.label_of = label_of
+        self.expected: set = expected if expected is not None else set()
+        self.first: dict = {}  # key -> wall-clock time first read here
+        self.counts: dict = {}  # key -> records carrying it
+        self.labels: dict = {}  # label_of(record) -> records, of the expected keys
+        self.others = 0
+        self._consumer = consumer(settings, None, fetch_max_wait_ms=50)
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -179,16 +217,26 @@ class Collector:
             for records in batches.values():
                 for record in records:
                     key = self.key_of(record)
-                    if key in self.expected and key not in self.seen:
-                        self.seen[key] = (now, record.timestamp)
+                    if key in self.expected:
+                        self.counts[key] = self.counts.get(key, 0) + 1
+                        self.first.setdefault(key, now)
+                        if self.label_of is not None:
+                            label = self.label_of(record)
+                            self.labels[label] = self.labels.get(label, 0) + 1
+                    else:
+                        self.others += 1
+
+    def check(self) -> None:
+        """Raise what stopped the reading task, if it stopped."""
+        if self._task is not None and self._task.done():
+            self._task.result()
 
     async def wait_for(self, count: int, timeout_s: float, alive: Callable[[], bool] | None = None) -> bool:
         """Wait until ``count`` expected keys were seen; False on timeout. Raises if
-        the collector or (``alive``) the thing under test stopped."""
+        the reader or (``alive``) the thing under test stopped."""
         deadline = time.monotonic() + timeout_s
-        while len(self.seen) < count:
-            if self._task is not None and self._task.done():
-                self._task.result()  # raises what stopped it
+        while len(self.first) < count:
+            self.check()
             if alive is not None and not alive():
                 raise RuntimeError("the process under test stopped")
             if time.monotonic() > deadline:
@@ -204,6 +252,64 @@ class Collector:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+
+
+def latencies_ms(arrived: dict, seen: dict, keys: Iterable) -> list[float]:
+    """Milliseconds from ``arrived[k]`` to ``seen[k]`` (both wall-clock seconds) for
+    the keys in both, in the order of ``keys``."""
+    return [(seen[k] - arrived[k]) * 1000 for k in keys if k in seen and k in arrived]
+
+
+@dataclass
+class Offered:
+    """What one offered-load run sent: message ids in order, and for each the wall
+    clock just before it was handed to the producer and its input record's
+    timestamp (arrival on the input topic; CreateTime, set by the producer)."""
+
+    ids: list[str]
+    sent_at: dict[str, float] = field(default_factory=dict)
+    arrived: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # from the first send to the last acknowledgement
+
+
+async def offer(
+    producer, events: list, rate: float, watches: list[Watch], *, topic_of: Callable[[str], str] | None = None,
+    complete: Watch | None = None, drain_s: float = 15.0, settle_s: float = 0.0, alive: Callable[[], bool] | None = None,
+) -> Offered:
+    """Produce ``events`` at ``rate`` events/s while ``watches`` read their outputs
+    (each expecting the events' messageIds); then wait up to ``drain_s`` until
+    ``complete`` (default the first watch) has seen every event, and ``settle_s``
+    more for the others. The watches are stopped on return."""
+    from streamcdp.generate import inbound_topic, send_events
+
+    ids = [value["messageId"] for _, value in events]
+    offered = Offered(ids)
+    in_order = iter(ids)
+
+    def acked(metadata, sent_at: float) -> None:
+        key = next(in_order)
+        offered.sent_at[key] = sent_at
+        offered.arrived[key] = metadata.timestamp / 1000 if metadata.timestamp and metadata.timestamp > 0 else sent_at
+
+    for watch in watches:
+        watch.expected = set(ids)
+    started = []
+    try:
+        for watch in watches:
+            await watch.start()
+            started.append(watch)
+        clock = time.perf_counter()
+        await send_events(producer, events, topic_of=topic_of or inbound_topic, rate=rate, on_ack=acked)
+        offered.seconds = time.perf_counter() - clock
+        await (complete or watches[0]).wait_for(len(ids), drain_s, alive=alive)
+        if settle_s:
+            await asyncio.sleep(settle_s)
+        for watch in watches:
+            watch.check()
+    finally:
+        for watch in started:
+            await watch.stop()
+    return offered
 
 
 def percentiles(values: list[float], qs=(50, 95, 99)) -> list[float]:
@@ -263,6 +369,34 @@ def child_env(**variables: str) -> dict[str, str]:
     return env
 
 
+def faust_env(settings: Settings, app_id: str, **extra: str) -> dict[str, str]:
+    """Environment of a faust child (a worker, the bare agent): ``settings``' broker
+    and Redis, its own app id (= consumer group) and web port, JSON logs."""
+    return child_env(
+        **extra,
+        CDP_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+        CDP_REDIS_URL=settings.redis_url,
+        CDP_APP_ID=app_id,
+        CDP_WEB_PORT=str(free_port()),
+        CDP_WEB_HOST="127.0.0.1",
+        CDP_LOG_FORMAT="json",
+    )
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux), None if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def with_db(url: str, db: int) -> str:
+    """``url`` (redis://...) with database ``db``."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -291,6 +425,62 @@ def prometheus_samples(text: str) -> dict[tuple[str, tuple], float]:
 
 def sample_sum(samples: dict[tuple[str, tuple], float], name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def sample_by_label(samples: dict[tuple[str, tuple], float], name: str, label: str) -> dict[str, float]:
+    """Sum of ``name``'s samples per value of one label."""
+    out: dict[str, float] = {}
+    for (n, labels), value in samples.items():
+        if n == name:
+            key = dict(labels).get(label, "")
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def gauge(samples: dict[tuple[str, tuple], float], name: str) -> float | None:
+    """The value of an unlabelled gauge, None if absent."""
+    values = [v for (n, _), v in samples.items() if n == name]
+    return values[0] if values else None
+
+
+def samples_delta(before: dict, after: dict) -> dict:
+    """``after - before`` per series (counters and histograms: what happened between
+    two scrapes; gauges: their change)."""
+    return {key: value - before.get(key, 0.0) for key, value in after.items()}
+
+
+async def scrape(url: str) -> dict:
+    """A /metrics page as samples; {} when it does not answer 200."""
+    status, body = await asyncio.to_thread(http_get, url, 2.0)
+    return prometheus_samples(body.decode()) if status == 200 else {}
+
+
+def histogram_percentiles(before: dict, after: dict, name: str, qs=(50, 95, 99)) -> list[float] | None:
+    """Percentiles (ms) of the observations of histogram ``name`` made between two
+    scrapes, linear within buckets; None without observations."""
+    by_bound: dict[float, float] = {}  # summed over the histogram's other labels
+    for (n, labels), value in after.items():
+        if n == name + "_bucket":
+            bound = float(dict(labels)["le"])
+            by_bound[bound] = by_bound.get(bound, 0.0) + value - before.get((n, labels), 0.0)
+    buckets = sorted(by_bound.items())
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    found = []
+    for q in qs:
+        rank = total * q / 100
+        lower_bound, lower_count = 0.0, 0.0
+        for bound, count in buckets:
+            if count >= rank:
+                if bound == float("inf"):
+                    found.append(lower_bound * 1000)
+                else:
+                    share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1.0
+                    found.append((lower_bound + share * (bound - lower_bound)) * 1000)
+                break
+            lower_bound, lower_count = bound, count
+    return found
 
 
 # ------------------------------------------------------------------ the machine

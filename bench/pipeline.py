@@ -1,4 +1,4 @@
-"""The hot path's throughput and latency, beside its baselines, in one run.
+"""``python -m bench.pipeline``: the hot path's throughput and latency, shape by shape, beside its baselines, in one run.
 
 All shapes read the same generated input (``--events`` events, about 600 bytes each,
 1% malformed), pre-produced before each throughput measurement, on the same broker:
@@ -19,11 +19,17 @@ done (processed + dead-lettered) per second between the first and the last poll 
 the worker's /metrics. Latency (a, d, e): fresh events offered at ``--rate``
 events/s for ``--latency-seconds``, from just before each is handed to the producer
 until its output is read by a consumer here.
+
+Exits 0 when every measurement completed, 1 when one failed (its row says why), 130
+on Ctrl-C (child processes, topics and the bench Redis database are cleaned up).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -32,7 +38,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -42,24 +47,28 @@ from prometheus_client import generate_latest
 from agents.pipeline import Pipeline
 from bench.common import (
     Child,
-    Collector,
+    Watch,
     active_groups,
     assign_at_end,
-    child_env,
     commit_group_at_end,
     consumer,
     create_topics,
     delete_groups,
     delete_topics,
-    free_port,
-    http_get,
+    faust_env,
+    histogram_percentiles,
+    latencies_ms,
     load_average,
     machine_facts,
     message_id_of,
+    offer,
     partitions_of,
     percentiles,
     prometheus_samples,
     sample_sum,
+    scrape,
+    wait_for_quiet,
+    with_db,
 )
 from streamcdp.generate import DEFAULT_GAP_MS, encode, generate_events, inbound_topic, send_events
 from streams.metrics import Metrics
@@ -70,8 +79,6 @@ from streams.settings import Settings
 from streams.topics import DEAD_LETTER, INBOUND, PRODUCER_MAX_REQUEST_BYTES, RESOLVED, ensure_topics
 
 CHANNELS = ("web", "app", "pos")
-# How long (d) waits for other consumer groups on the broker to go idle first.
-QUIET_WAIT_S = 60.0
 
 
 @dataclass
@@ -83,6 +90,7 @@ class Options:
     bad_ratio: float = 0.01
     seed: int = 0
     redis_db: int = 14
+    quiet_wait_s: float = 60.0  # how long (d), (e) wait for other consumer groups to go idle
 
 
 @dataclass
@@ -145,13 +153,9 @@ class Run:
         return 60 + self.options.events / 500
 
 
-def _with_db(url: str, db: int) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
-
-
 async def run_all(options: Options) -> Report:
     base = Settings.from_env()
-    settings = Settings.from_env(redis_url=_with_db(base.redis_url, options.redis_db))
+    settings = Settings.from_env(redis_url=with_db(base.redis_url, options.redis_db))
     report = Report()
     redis = connect(settings.redis_url, health_check_interval=10)
     info = await redis.info("server")
@@ -370,42 +374,55 @@ def faust_consume_only(transport: str) -> Callable[[Run, Row], Awaitable[None]]:
     return step
 
 
-async def _faust_consume_only(run: Run, row: Row, transport: str) -> None:
-    app_id = run.group(f"faust-consume-{transport}")
-    run.faust_apps.append(app_id)
-    result = run.workdir / f"faust-consume-{transport}.json"
-    child = Child(
-        [sys.executable, "-m", "bench.faust_consume", "--topics", ",".join(run.input_topics),
-         "--count", str(len(run.inputs)), "--result", str(result)],
-        _faust_env(run, app_id, CDP_KAFKA_TRANSPORT=transport),
-        run.workdir / f"faust-consume-{transport}.log",
-        run.workdir,
-    )
-    try:
-        deadline = time.monotonic() + run.throughput_timeout_s
-        while not result.exists():
-            if not child.alive():
-                raise RuntimeError(f"exited with {child.process.returncode}:\n{child.tail()}")
+class BareAgent:
+    """``bench.faust_consume`` in a child process on the run's input topics: its
+    throughput over the run's input, then (``latency_phases``) its consumption
+    latency over each of the next phases of events."""
+
+    def __init__(self, run: Run, transport: str, latency_phases: tuple[int, ...] = ()) -> None:
+        self.run = run
+        app_id = run.group(f"faust-consume-{transport}")
+        run.faust_apps.append(app_id)
+        self.result = run.workdir / f"faust-consume-{transport}.json"
+        self.child = Child(
+            [sys.executable, "-m", "bench.faust_consume", "--topics", ",".join(run.input_topics),
+             "--count", str(len(run.inputs)), "--result", str(self.result),
+             "--latency-phases", ",".join(str(n) for n in latency_phases)],
+            faust_env(run.settings, app_id, CDP_KAFKA_TRANSPORT=transport),
+            run.workdir / f"faust-consume-{transport}.log",
+            run.workdir,
+        )
+
+    async def _read(self, path: Path, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            if not self.child.alive():
+                raise RuntimeError(f"exited with {self.child.process.returncode}:\n{self.child.tail()}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no result after {run.throughput_timeout_s:.0f}s:\n{child.tail()}")
-            await asyncio.sleep(0.2)
+                raise TimeoutError(f"no {path.name} after {timeout_s:.0f}s:\n{self.child.tail()}")
+            await asyncio.sleep(0.1)
+        return orjson.loads(path.read_bytes())
+
+    async def throughput(self) -> dict:
+        """``{"events", "seconds", "batches", "cpu_seconds"}`` over the run's input."""
+        return await self._read(self.result, self.run.throughput_timeout_s)
+
+    async def latency(self, phase: int, timeout_s: float) -> dict:
+        """``{"events", "latency_ms", "max_ms"}`` of phase ``phase`` (from 1)."""
+        return await self._read(Path(f"{self.result}.latency{phase}"), timeout_s)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.child.stop)
+
+
+async def _faust_consume_only(run: Run, row: Row, transport: str) -> None:
+    agent = BareAgent(run, transport)
+    try:
+        measured = await agent.throughput()
     finally:
-        await asyncio.to_thread(child.stop)
-    measured = orjson.loads(result.read_bytes())
+        await agent.stop()
     row.events_per_s = measured["events"] / measured["seconds"]
     row.redis_per_event = 0.0
-
-
-def _faust_env(run: Run, app_id: str, **extra: str) -> dict[str, str]:
-    return child_env(
-        **extra,
-        CDP_KAFKA_BOOTSTRAP=run.settings.kafka_bootstrap,
-        CDP_REDIS_URL=run.settings.redis_url,
-        CDP_APP_ID=app_id,
-        CDP_WEB_PORT=str(free_port()),
-        CDP_WEB_HOST="127.0.0.1",
-        CDP_LOG_FORMAT="json",
-    )
 
 
 def real_worker(transport: str) -> Callable[[Run, Row], Awaitable[None]]:
@@ -432,10 +449,10 @@ async def _real_worker(run: Run, row: Row, transport: str, label: str) -> None:
     await run.redis.flushdb()
     app_id = run.group(f"worker-{transport}")
     run.faust_apps.append(app_id)
-    others = await _wait_for_quiet(run.settings, QUIET_WAIT_S)
+    others = await wait_for_quiet(run.settings, run.options.quiet_wait_s)
     await commit_group_at_end(run.settings, app_id, INBOUND)
     await send_events(run.producer, run.inputs)
-    env = _faust_env(run, app_id, CDP_KAFKA_TRANSPORT=transport)
+    env = faust_env(run.settings, app_id, CDP_KAFKA_TRANSPORT=transport)
     metrics_url = f"http://127.0.0.1:{env['CDP_WEB_PORT']}/metrics"
     worker = Child([sys.executable, "-m", "streamcdp.cli", "worker"], env, run.workdir / f"worker-{transport}.log", run.workdir)
     try:
@@ -446,7 +463,7 @@ async def _real_worker(run: Run, row: Row, transport: str, label: str) -> None:
                 raise RuntimeError(f"the worker exited with {worker.process.returncode}:\n{worker.tail()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not done after {run.throughput_timeout_s:.0f}s:\n{worker.tail()}")
-            samples = await _scrape(metrics_url)
+            samples = await scrape(metrics_url)
             now = time.perf_counter()
             done = sample_sum(samples, "cdp_events_processed_total") + sample_sum(samples, "cdp_dead_letters_total")
             if done and first is None:
@@ -466,11 +483,11 @@ async def _real_worker(run: Run, row: Row, transport: str, label: str) -> None:
         row.latency_ms = await offered_load(
             run, latency_events(run.options), RESOLVED, inbound_topic, message_id_of, label=label, alive=worker.alive
         )
-        after = await _scrape(metrics_url)
-        inside = _histogram_percentiles(before, after, "cdp_event_latency_seconds")
+        after = await scrape(metrics_url)
+        inside = histogram_percentiles(before, after, "cdp_event_latency_seconds")
         if inside:
             during = {key: value - before.get(key, 0.0) for key, value in after.items()}
-            commits = _histogram_percentiles({}, after, "cdp_kafka_commit_seconds")
+            commits = histogram_percentiles({}, after, "cdp_kafka_commit_seconds")
             commit_note = (
                 f"; offset commits over the whole run: {sample_sum(after, 'cdp_kafka_commit_seconds_count'):,.0f}, "
                 "p50/p99 " + " / ".join(f"{v:.1f}" for v in commits[::2]) + " ms"
@@ -512,48 +529,6 @@ def _targets(report: Report) -> None:
     report.notes.append("Targets: " + "; ".join(verdict) + ".")
 
 
-async def _wait_for_quiet(settings: Settings, timeout_s: float) -> list[str]:
-    """Give other consumer groups (test sessions' workers) up to ``timeout_s`` to go
-    idle, since they would get (d)'s input too; return those still active."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        others = await active_groups(settings, "streamcdp-bench-")
-        if not others or time.monotonic() > deadline:
-            return others
-        await asyncio.sleep(2.0)
-
-
-async def _scrape(url: str) -> dict:
-    status, body = await asyncio.to_thread(http_get, url, 2.0)
-    return prometheus_samples(body.decode()) if status == 200 else {}
-
-
-def _histogram_percentiles(before: dict, after: dict, name: str, qs=(50, 95, 99)) -> list[float] | None:
-    """Percentiles (ms) of the observations made between two scrapes, linear within buckets."""
-    buckets = sorted(
-        (float(dict(labels)["le"]), value - before.get((n, labels), 0.0))
-        for (n, labels), value in after.items()
-        if n == name + "_bucket"
-    )
-    total = buckets[-1][1] if buckets else 0
-    if not total:
-        return None
-    found = []
-    for q in qs:
-        rank = total * q / 100
-        lower_bound, lower_count = 0.0, 0.0
-        for bound, count in buckets:
-            if count >= rank:
-                if bound == float("inf"):
-                    found.append(lower_bound * 1000)
-                else:
-                    share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1.0
-                    found.append((lower_bound + share * (bound - lower_bound)) * 1000)
-                break
-            lower_bound, lower_count = bound, count
-    return found
-
-
 # ---------------------------------------------------------------- latency
 
 
@@ -584,25 +559,105 @@ async def offered_load(
     """Offer ``events`` at ``rate``; p50/p95/p99 in ms from just before each send to
     its output (``key_of(record)`` = its messageId) being read here."""
     options = run.options
-    ids = [v["messageId"] for _, v in events]
-    sent: dict[str, float] = {}
-    in_order = iter(ids)
-    collector = Collector(run.settings, [output_topic], key_of)
-    collector.expected = set(ids)
-    await collector.start()
-    try:
-        await send_events(
-            run.producer, events, topic_of=topic_of, rate=options.rate, on_ack=lambda _, at: sent.__setitem__(next(in_order), at)
-        )
-        await collector.wait_for(len(ids), 15.0, alive=alive)
-    finally:
-        await collector.stop()
-    latencies = [(collector.seen[k][0] - sent[k]) * 1000 for k in ids if k in collector.seen]
+    watch = Watch(run.settings, [output_topic], key_of)
+    offered = await offer(run.producer, events, options.rate, [watch], topic_of=topic_of, drain_s=15.0, alive=alive)
+    latencies = latencies_ms(offered.sent_at, watch.first, offered.ids)
     if not latencies:
         raise RuntimeError("no output seen for the offered events")
-    missing = len(ids) - len(latencies)
+    missing = len(offered.ids) - len(latencies)
     run.report.notes.append(
-        f"({label}) latency: {len(ids):,} events offered at {options.rate:,.0f}/s for {options.latency_seconds:.0f}s; "
+        f"({label}) latency: {len(offered.ids):,} events offered at {options.rate:,.0f}/s for {options.latency_seconds:.0f}s; "
         f"{len(latencies):,} outputs seen{f', {missing} MISSING' if missing else ''}; max {max(latencies):.1f} ms."
     )
     return percentiles(latencies)
+
+
+# ---------------------------------------------------------------- the report
+
+
+COLUMNS = ("shape", "events/s", "vs raw passthrough (a)", "vs bare faust (b)", "Redis round trips/event", "p50/p95/p99 ms at {rate}/s")
+
+
+def render(report: Report, options: Options, seconds: float) -> str:
+    lines = ["streamcdp hot path, shape by shape (bench.pipeline)", ""]
+    lines += [f"  {name:<10} {value}" for name, value in report.facts]
+    lines.append("")
+    header = [c.format(rate=f"{options.rate:,.0f}") for c in COLUMNS]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    baseline, faust = report.rows.get("a"), report.rows.get("b")
+    for row in report.rows.values():
+        lines.append("| " + " | ".join(_cells(row, baseline, faust)) + " |")
+    lines.append("")
+    lines += [f"- {note}" for note in report.notes]
+    lines += [f"- {row.shape}: FAILED: {row.error}" for row in report.rows.values() if row.error]
+    lines.append(f"- Total bench time {seconds:.0f} s.")
+    return "\n".join(lines)
+
+
+def _ratio(row: Row, baseline: Row | None) -> str:
+    if row.events_per_s and baseline is not None and baseline.events_per_s:
+        return f"{row.events_per_s / baseline.events_per_s:.2f}×"
+    return "—"
+
+
+def _cells(row: Row, baseline: Row | None, faust: Row | None) -> list[str]:
+    rate = f"{row.events_per_s:,.0f}" if row.events_per_s else ("failed" if row.error else "—")
+    if row.redis_per_event is None:
+        redis = "—"
+    elif row.redis_per_event == 0:
+        redis = "0"
+    else:
+        redis = f"{row.redis_per_event:.4f}"
+        if row.redis_per_batch:
+            redis += f" ({row.redis_per_batch:.1f}/batch)"
+    latency = " / ".join(f"{v:.1f}" for v in row.latency_ms) if row.latency_ms else "—"
+    return [row.shape, rate, _ratio(row, baseline), _ratio(row, faust), redis, latency]
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = Options()
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=defaults.events, help=f"input events (default {defaults.events:,})")
+    parser.add_argument("--rate", type=float, default=defaults.rate, help="offered rate of the latency runs, events/s (default 1000)")
+    parser.add_argument("--latency-seconds", type=float, default=defaults.latency_seconds, help="length of each latency run (default 10)")
+    parser.add_argument("--partitions", type=int, default=defaults.partitions, help="partitions of each bench input topic (default 8)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="generator seed (default 0)")
+    parser.add_argument("--quiet-wait", type=float, default=defaults.quiet_wait_s,
+                        help=f"seconds (d) and (e) wait for other consumer groups to go idle (default {defaults.quiet_wait_s:.0f})")
+    parser.add_argument(
+        "--redis-db", type=int, default=int(os.environ.get("CDP_BENCH_REDIS_DB", defaults.redis_db)),
+        help="Redis database the benchmarks use and flush (default CDP_BENCH_REDIS_DB or 14)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvloop
+
+    args = _parser().parse_args(argv)
+    if args.events < 1000 or args.rate <= 0 or args.latency_seconds <= 0:
+        print("bench.pipeline: --events must be >= 1000, --rate and --latency-seconds > 0", file=sys.stderr)
+        return 2
+    options = Options(
+        events=args.events, rate=args.rate, latency_seconds=args.latency_seconds,
+        partitions=args.partitions, seed=args.seed, redis_db=args.redis_db, quiet_wait_s=args.quiet_wait,
+    )
+    # aiokafka logs retried, harmless hiccups (NotLeaderForPartition on a topic just
+    # created) as warnings; the table is the output.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    started = time.monotonic()
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            report = runner.run(run_all(options))
+    except KeyboardInterrupt:
+        print("bench.pipeline: interrupted; child processes stopped, bench topics deleted", file=sys.stderr)
+        return 130
+    finally:
+        Child.stop_all()
+    print(render(report, options, time.monotonic() - started), flush=True)
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

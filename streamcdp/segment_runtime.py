@@ -12,9 +12,9 @@ import asyncio
 import logging
 import time
 
-from agents.profiles.computed import ComputedTraits
-from agents.segments.backfill import backfill
 from agents.activation.destinations import Destinations
+from agents.profiles.computed import ComputedTraits
+from agents.segments import backfill as backfills
 from agents.segments.registry import SegmentRegistry
 from streams import segment_definitions
 from streams.output import deliver
@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 EXPIRE_EVERY_S = 0.5
 BACKFILL_CHECK_EVERY_S = 30.0
+# Back-fills a worker runs at once (the others wait their turn): each holds a Redis
+# connection and competes with live traffic; hundreds of segments applied together
+# would otherwise exhaust the client's connection pool.
+BACKFILLS_AT_ONCE = 4
 
 
 class SegmentRuntime:
@@ -37,6 +41,7 @@ class SegmentRuntime:
         self._backfills: dict[str, asyncio.Task] = {}
         self._checked = False
         self._series: set[str] = set()  # segments whose transition series exist
+        self._backfill_slots: asyncio.Semaphore | None = None
 
     def attach(self, pipeline) -> None:
         self._pipeline = pipeline
@@ -84,8 +89,11 @@ class SegmentRuntime:
 
     async def _backfill(self, segment) -> None:
         pipeline = self._pipeline
+        if self._backfill_slots is None:
+            self._backfill_slots = asyncio.Semaphore(BACKFILLS_AT_ONCE)
         try:
-            await backfill(pipeline.segments, pipeline.redis, pipeline.producer, pipeline.metrics, segment)
+            async with self._backfill_slots:
+                await backfills.backfill(pipeline.segments, pipeline.redis, pipeline.producer, pipeline.metrics, segment)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - retried by the periodic check
