@@ -470,6 +470,12 @@ class Pipeline:
                 pipe.evalsha(sha, 1, identifier_key(identifier, self.settings.id_hash_key), profile_id)
             await pipe.execute()
 
+    def forget_scripts(self) -> None:
+        """Load every Lua script again on next use (Redis restarted or flushed its
+        script cache); the timer and back-fills call this when they meet it."""
+        self._scripts.clear()
+        self.identity.forget_scripts()
+
     async def _script(self, source: str) -> str:
         sha = self._scripts.get(source)
         if sha is None:
@@ -489,8 +495,7 @@ class Pipeline:
             except (RedisConnectionError, RedisTimeoutError, TimeoutError, NoScriptError, OSError) as exc:
                 if isinstance(exc, NoScriptError):
                     # Redis restarted or flushed its script cache: load every script again.
-                    self._scripts.clear()
-                    self.identity.forget_scripts()
+                    self.forget_scripts()
                 self.metrics.redis_errors.labels(op).inc()
                 self.ready = False
                 log.warning("Redis %s step failed (%s: %s); retrying in %.1fs", op, type(exc).__name__, exc, backoff)

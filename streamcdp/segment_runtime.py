@@ -12,6 +12,8 @@ import asyncio
 import logging
 import time
 
+from redis.exceptions import NoScriptError
+
 from agents.activation.destinations import Destinations
 from agents.profiles.computed import ComputedTraits
 from agents.segments import backfill as backfills
@@ -68,6 +70,8 @@ class SegmentRuntime:
             messages = await pipeline.segments.expire_due(int(time.time() * 1000))
             await deliver(pipeline.producer, messages, pipeline.metrics)
         except Exception as exc:  # noqa: BLE001 - leased entries come back after the lease
+            if isinstance(exc, NoScriptError):
+                pipeline.forget_scripts()  # Redis restarted: load the scripts again next time
             pipeline.metrics.redis_errors.labels("segments").inc()
             log.warning("segment expiry failed (%s: %s); the due profiles are retried", type(exc).__name__, exc)
 
@@ -97,4 +101,6 @@ class SegmentRuntime:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - retried by the periodic check
+            if isinstance(exc, NoScriptError):
+                pipeline.forget_scripts()
             log.warning("back-fill of segment %s failed (%s: %s); retried later", segment.id, type(exc).__name__, exc)

@@ -175,6 +175,9 @@ class SegmentEngine:
         index = self.index
         by_profile: dict[str, list[tuple[Event, list, list]]] = {}
         replay: list[tuple[Event, str, str]] = []
+        # Per profile, the revisions its applied events left, in order (all of them,
+        # also those of events that affect no segment and answered no state).
+        revs: dict[str, list[tuple[int, bool]]] = {}
         for item, profile_id, reply in zip(items, profile_ids, replies):
             if reply is None:
                 continue
@@ -183,6 +186,9 @@ class SegmentEngine:
             if status == 2:  # redelivered: publish what its record says it caused
                 replay.append((event, profile_id, text(reply[1])))
                 continue
+            if status not in (1, 4):
+                continue
+            revs.setdefault(profile_id, []).append((int(reply[1]), len(reply) >= 6))
             if len(reply) < 6:
                 continue  # no segment is affected by it
             affected = index.affected_by(event, new_profile=status == 4)
@@ -192,7 +198,9 @@ class SegmentEngine:
         todo: dict[str, tuple[State, list[tuple[Event, list, State]]]] = {}
         for profile_id, entries in by_profile.items():
             steps = [(event, affected, State.from_reply(profile_id, *answer)) for event, affected, answer in entries]
-            todo[profile_id] = (steps[-1][2], steps)
+            last = steps[-1][2]
+            last.rev = _own_revision(last.rev, revs[profile_id])
+            todo[profile_id] = (last, steps)
         if replay:
             transitions.extend(await self._replay(replay, todo, now_ms))
         transitions.extend(await self._evaluate_and_commit(todo, states, now_ms))
@@ -355,16 +363,22 @@ class SegmentEngine:
         )
 
     async def recover(self, items: Sequence, profile_ids: Sequence[str], replies: Sequence, now_ms: int) -> list[OutboundMessage]:
-        """After a failure inside ``after_apply``: what got committed is in the events'
-        de-duplication records; handle the batch as if it were redelivered."""
+        """After a failure inside ``after_apply``. A profile's commit marks the records
+        of all its events at once: where they carry the mark, the commit happened and
+        its transitions are published again from the records (as for a redelivery);
+        where they do not, the profile is evaluated again on the states the profile
+        step answered, so no transition between two events of the batch is lost."""
         wanted = [k for k, reply in enumerate(replies) if reply is not None]
         async with self.redis.pipeline(transaction=False) as pipe:
             for k in wanted:
                 pipe.hget(ProfileKeys(profile_ids[k]).seen, message_field(items[k].event.message_id))
             records = await pipe.execute()
+        committed = {profile_ids[k] for k, record in zip(wanted, records) if record is not None and b"|e" in record}
         synthetic: list = [None] * len(items)
         for k, record in zip(wanted, records):
-            if record is not None:
+            if profile_ids[k] not in committed and int(replies[k][0]) != 2:
+                synthetic[k] = replies[k]
+            elif record is not None:
                 synthetic[k] = [2, record]
         return await self.after_apply(items, profile_ids, synthetic, now_ms)
 
@@ -674,6 +688,24 @@ def activation_message(transition: Transition, destination: Destination | None, 
     }, now_ms)
     topic = destination.topic if destination is not None else f"cdp.activations.{name}"
     return OutboundMessage(topic, transition.profile_id.encode(), orjson.dumps(body), cause=transition.cause_event)
+
+
+def _own_revision(evaluated: str, revs: Sequence[tuple[int, bool]]) -> str:
+    """The revision to commit an evaluation at: that of the last state evaluated,
+    moved on over the batch's later events of the profile that answered no state
+    (they affect no segment) as long as the revisions follow one another (nobody
+    else changed the profile in between); a gap leaves it, so the commit is refused
+    and the profile evaluated again."""
+    rev = int(evaluated)
+    later = False
+    for value, has_state in revs:
+        if later:
+            if value != rev + 1:
+                break
+            rev = value
+        elif value == int(evaluated) and has_state:
+            later = True
+    return str(rev)
 
 
 def _marker(transitions: Sequence[Transition]) -> str:

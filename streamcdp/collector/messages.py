@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 
 from schemas.codec import JSONDecodeError, dumps, loads
 from schemas.errors import StreamCDPError
-from schemas.events import EVENT_TYPES
+from schemas.events import EVENT_TYPES, MAX_DEPTH
 from schemas.identifiers import collect_identifiers, normalize_id, normalize_type
 
 #: Segment's documented limit per message ("32 KB"). The SDKs measure 32 << 10.
@@ -34,6 +34,10 @@ MAX_MESSAGE_BYTES = 32 * 1024
 #: batches under 475,000 bytes, so 500,000 accepts everything an SDK sends. Applies
 #: to the body after decompression, on every route.
 MAX_BODY_BYTES = 500_000
+
+#: The deepest nesting the JSON encoder writes (orjson; it reads up to 1024): a
+#: message nested deeper is refused, the worker would refuse it anyway (MAX_DEPTH).
+MAX_WRITE_DEPTH = 254
 
 #: Route name → message type; ``"batch"`` carries a list of typed messages.
 KINDS = (*sorted(EVENT_TYPES), "batch")
@@ -240,7 +244,16 @@ def _prepare_one(
             message["context"] = {"channel": channel_note}
         elif type(context) is dict and "channel" not in context:
             message["context"] = {**context, "channel": channel_note}
-    value = dumps(message)
+    try:
+        value = dumps(message)
+    except TypeError:  # orjson writes at most 254 levels of nesting (it reads 1024)
+        where = "the message" if index is None else f"batch[{index}]"
+        raise BadRequest(
+            "too_deep",
+            f"{where} nests objects/arrays more than {MAX_WRITE_DEPTH} levels deep"
+            f" (the worker accepts {MAX_DEPTH})",
+            index=index,
+        ) from None
     size = len(value) - added
     if size > MAX_MESSAGE_BYTES:
         where = "the message" if index is None else f"batch[{index}]"

@@ -264,3 +264,16 @@ def test_only_dead_letters_are_cut_when_too_large_for_the_broker():
     assert len(cut.value) == 512 * 1024 and ("cdp.dlq.truncated", b"true") in cut.headers
     change = OutboundMessage("cdp.activations.email", b"p", big)
     assert _shrunk(change) is change  # never a cut (broken) JSON document
+
+
+def test_the_commit_revision_moves_over_the_batchs_later_stateless_events():
+    from agents.segments.engine import _own_revision
+
+    # Evaluated at rev 7; the profile's later events of the batch (no segment
+    # affected, no state answered) left 8 and 9: commit at 9.
+    assert _own_revision("7", [(6, True), (7, True), (8, False), (9, False)]) == "9"
+    # A gap (someone else's step in between): it stops before the gap, so the
+    # commit names an older revision than Redis holds and is refused.
+    assert _own_revision("7", [(7, True), (8, False), (10, False)]) == "8"
+    assert _own_revision("7", [(7, True), (9, False)]) == "7"
+    assert _own_revision("7", [(7, True)]) == "7"

@@ -37,3 +37,30 @@ async def test_backfills_of_many_segments_run_a_few_at_a_time(monkeypatch):
     await asyncio.gather(*runtime._backfills.values())
     assert sorted(done) == ids
     assert most == segment_runtime.BACKFILLS_AT_ONCE
+
+
+@pytest.mark.asyncio
+async def test_the_timer_reloads_the_scripts_after_redis_lost_them():
+    from redis.exceptions import NoScriptError
+
+    from streams.metrics import Metrics
+
+    calls = {"expire": 0, "forgot": 0}
+
+    class Engine:
+        async def expire_due(self, now_ms):
+            calls["expire"] += 1
+            if calls["forgot"] == 0:
+                raise NoScriptError("No matching script")
+            return []
+
+    def forget():
+        calls["forgot"] += 1
+
+    runtime = segment_runtime.SegmentRuntime(Settings())
+    runtime.attach(SimpleNamespace(segments=Engine(), metrics=Metrics(), producer=None, forget_scripts=forget))
+    runtime.registry.loaded.set()
+    runtime._checked = True
+    await runtime.expire()  # meets the restarted Redis: forgets the scripts
+    await runtime.expire()  # and works again
+    assert calls == {"expire": 2, "forgot": 1}
