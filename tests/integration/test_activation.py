@@ -246,34 +246,36 @@ async def test_the_upsell_hold_out_through_a_running_worker(worker, infra, produ
     path.write_text(yaml.safe_dump({**document, "id": seg, "rule": rule}))
     applied = await asyncio.to_thread(cli, infra, "segments", "apply", str(path))
     assert applied.returncode == 0, applied.stderr
-    email_topic = await topic_reader(EMAIL)
-    await asyncio.sleep(1.0)  # the worker follows cdp.segment-definitions
-    user = unique("u")
+    try:
+        email_topic = await topic_reader(EMAIL)
+        await asyncio.sleep(1.0)  # the worker follows cdp.segment-definitions
+        user = unique("u")
 
-    async def send(event: dict) -> None:
-        await producer.send_and_wait(EVENTS_WEB, orjson.dumps(event), key=user.encode())
+        async def send(event: dict) -> None:
+            await producer.send_and_wait(EVENTS_WEB, orjson.dumps(event), key=user.encode())
 
-    def mine(r) -> bool:
-        # This segment and this customer: the worker's timer and back-fill also
-        # evaluate other tests' profiles against it.
-        data = orjson.loads(r.value)["data"]
-        return data["segmentId"] == seg and {"type": "user_id", "value": user} in data["identifiers"]
+        def mine(r) -> bool:
+            # This segment and this customer: the worker's timer and back-fill also
+            # evaluate other tests' profiles against it.
+            data = orjson.loads(r.value)["data"]
+            return data["segmentId"] == seg and {"type": "user_id", "value": user} in data["identifiers"]
 
-    await send(identify(userId=user, timestamp=now_iso(0), traits={"email": f"{user}@example.com", "email_opt_in": True}))
-    for k in (1, 2):
-        await send(track(userId=user, anonymousId=None, timestamp=now_iso(0.1 * k), event="Order Completed",
-                         properties={"order_id": unique("o"), "total": 10, "currency": "EUR"}))
-    [entered] = (await email_topic.collect(mine, 1, timeout_s=30))[:1]
-    assert orjson.loads(entered.value)["type"] == "cdp.segment.entered"
-    await send(track(userId=user, anonymousId=None, timestamp=now_iso(0.5), event="Support Ticket Opened"))
-    # Held out at once; never closed, so the 3 s window (plus its 1 s bucket) runs
-    # out and the timer lets her back in.
-    seen = await email_topic.collect(mine, 3, timeout_s=30)
-    bodies = list({b["id"]: b for b in (orjson.loads(r.value) for r in seen)}.values())
-    assert [b["type"].rsplit(".", 1)[1] for b in bodies] == ["entered", "exited", "entered"], [(b["type"], b["data"]) for b in bodies]
-    assert bodies[1]["data"]["cause"] == "event"
-    back = bodies[2]
-    assert back["data"]["cause"] == "expiry"
-    assert back["data"]["identifiers"] == [{"type": "email", "value": f"{user}@example.com"},
-                                           {"type": "user_id", "value": user}]
-    await asyncio.to_thread(cli, infra, "segments", "delete", seg)
+        await send(identify(userId=user, timestamp=now_iso(0), traits={"email": f"{user}@example.com", "email_opt_in": True}))
+        for k in (1, 2):
+            await send(track(userId=user, anonymousId=None, timestamp=now_iso(0.1 * k), event="Order Completed",
+                             properties={"order_id": unique("o"), "total": 10, "currency": "EUR"}))
+        [entered] = (await email_topic.collect(mine, 1, timeout_s=30))[:1]
+        assert orjson.loads(entered.value)["type"] == "cdp.segment.entered"
+        await send(track(userId=user, anonymousId=None, timestamp=now_iso(0.5), event="Support Ticket Opened"))
+        # Held out at once; never closed, so the 3 s window (plus its 1 s bucket) runs
+        # out and the timer lets her back in.
+        seen = await email_topic.collect(mine, 3, timeout_s=30)
+        bodies = list({b["id"]: b for b in (orjson.loads(r.value) for r in seen)}.values())
+        assert [b["type"].rsplit(".", 1)[1] for b in bodies] == ["entered", "exited", "entered"], [(b["type"], b["data"]) for b in bodies]
+        assert bodies[1]["data"]["cause"] == "event"
+        back = bodies[2]
+        assert back["data"]["cause"] == "expiry"
+        assert back["data"]["identifiers"] == [{"type": "email", "value": f"{user}@example.com"},
+                                               {"type": "user_id", "value": user}]
+    finally:
+        await asyncio.to_thread(cli, infra, "segments", "delete", seg)
