@@ -260,16 +260,20 @@ class Pipeline:
                     break
             items = [accepted[i] for i in todo]
             started = time.perf_counter()
-            replies, lost, barred = await self._redis("profile", self._apply, items, plans, records, round_ms)
+            replies, lost, barred, orphans = await self._redis("profile", self._apply, items, plans, records, round_ms)
             self.metrics.stage_latency.labels("profile").observe(time.perf_counter() - started)
             purge = self._to_purge(items, plans, replies, barred) if any(barred) else set()
+            purge |= orphans - {m.survivor for plan in plans for m in plan.merges}
             again = []
             released: list[tuple[Identifier, str]] = []
             for k, i in enumerate(todo):
                 reply = replies[k]
                 if plans[k].profile_id in purge:
-                    # Its profile was made this round for an event of an identifier
-                    # suppressed meanwhile and is wiped: the event starts afresh.
+                    # Its profile was made this round and is wiped (another worker
+                    # claimed all its identifiers first, or one was suppressed
+                    # meanwhile): the event starts afresh.
+                    if lost[k]:
+                        self.metrics.identity_conflicts.labels("claim").inc()
                     first[i], answer[i], profile_of[i] = None, None, ""
                     again.append(i)
                     continue
@@ -362,7 +366,8 @@ class Pipeline:
         return purge
 
     async def _purge(self, purge: set[str], plans: list[Plan], records: list[fuzzy.MatchRecord | None], now_ms: int) -> None:
-        """Wipe profiles this round made for an event of a suppressed identifier: the
+        """Wipe profiles this round made that hold nobody (every claim lost to another
+        worker, or an identifier suppressed meanwhile): the
         tombstone first (a worker that cached one is answered DELETED), then the
         claims made for them and their fuzzy-matching block entries. One round trip."""
         wipe = await self._script(WIPE_PROFILE)
@@ -442,6 +447,7 @@ class Pipeline:
         lost = [False] * len(items)
         barred = [False] * len(items)
         lost_ids: list[tuple[str, Identifier]] = []
+        won: set[str] = set()  # profiles that won a claim this round
         for k, position, identifier in claim_at:
             owner = replies[position]
             if isinstance(owner, Exception):
@@ -454,12 +460,22 @@ class Pipeline:
             if owner != plans[k].profile_id:
                 lost[k] = True
                 lost_ids.append((plans[k].profile_id, identifier))
+            else:
+                won.add(owner)
         if lost_ids:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for profile_id, identifier in lost_ids:
                     pipe.hdel(ProfileKeys(profile_id).ids, str(identifier))
                 await pipe.execute()
-        return event_replies, lost, barred
+        # A profile made this round that won none of its claims (another worker
+        # claimed every identifier first) holds nobody: it is wiped and its events
+        # resolved again, onto the winner's profile.
+        orphans = {
+            plan.profile_id for plan, reply, hit in zip(plans, event_replies, lost)
+            if hit and plan.profile_id not in won and not isinstance(reply, Exception)
+            and int(reply[0]) == ApplyStatus.APPLIED_NEW
+        }
+        return event_replies, lost, barred, orphans
 
     async def _release_claims(self, claims: list[tuple[Identifier, str]]) -> None:
         """Delete identifier claims that point at a deleted profile (never a
