@@ -21,6 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from streams.settings import Settings
 from tests import monitoring_refs as refs
+from tests.unit.test_deploy_files import _dockerfile_instructions
 
 ROOT = refs.ROOT
 K8S = ROOT / "deploy" / "k8s"
@@ -374,17 +375,6 @@ def test_config_files_are_mounted_where_the_worker_looks(docs, variable, shipped
         f"ConfigMap {configmap['metadata']['name']} differs from {shipped}: copy the file into it"
     )
     parse(yaml.safe_load(content), f"configmap {configmap['metadata']['name']}")
-
-
-def _dockerfile_instructions() -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
 
 
 def test_the_image_points_every_config_setting_at_the_shipped_file() -> None:
