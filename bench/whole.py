@@ -152,7 +152,7 @@ def key_kind(key: str) -> str:
 class Memory:
     """Redis memory of the bench database after a throughput run."""
 
-    profiles: int  # live profiles (not merged away)
+    profiles: int  # live profiles (not merged away, not tombstones)
     keys: int
     by_kind: dict[str, int]  # bytes (MEMORY USAGE) of all keys of each kind
     used_memory_growth: int | None = None  # INFO used_memory, after - before (server-wide)
@@ -549,8 +549,10 @@ async def redis_memory(redis) -> Memory:
     for start in range(0, len(metas), MEMORY_BATCH):
         pipe = redis.pipeline(transaction=False)
         for key in metas[start:start + MEMORY_BATCH]:
-            pipe.hexists(key, "merged_into")
-        profiles += sum(1 for merged in await pipe.execute() if not merged)
+            pipe.hmget(key, "merged_into", "deleted")
+        # Live: neither merged away nor a tombstone (a deleted profile, or one a
+        # worker wiped after losing every claim of it to another worker).
+        profiles += sum(1 for merged, deleted in await pipe.execute() if not merged and not deleted)
     return Memory(profiles, keys, by_kind)
 
 
