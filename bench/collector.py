@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from bench.common import ROOT, Child, child_env, create_topics, delete_topics, free_port, http_get, load_average
+from bench.common import ROOT, Child, child_env, create_topics, free_port, http_get, load_average
 from streams.settings import Settings
+from streams.topics import delete_topics
 
 LOG_DIR = ROOT / ".run" / "bench"
 WARMUP_S = 2.0

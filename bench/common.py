@@ -54,19 +54,6 @@ async def create_topics(settings: Settings, names: Iterable[str], partitions: in
         await admin.close()
 
 
-async def delete_topics(settings: Settings, names: Iterable[str]) -> None:
-    """Delete those of ``names`` that exist."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers())
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        doomed = [n for n in names if n in existing]
-        if doomed:
-            await admin.delete_topics(doomed)
-    finally:
-        await admin.close()
-
-
 async def delete_groups(settings: Settings, groups: Iterable[str]) -> None:
     """Best effort: remove consumer groups (and their committed offsets) that we made.
 

@@ -54,7 +54,6 @@ from bench.common import (
     consumer,
     create_topics,
     delete_groups,
-    delete_topics,
     faust_env,
     histogram_percentiles,
     latencies_ms,
@@ -76,7 +75,7 @@ from streams.redis_client import HiredisConnection, connect
 from streams.output import AiokafkaProducer
 from streams.records import OutboundMessage, Record
 from streams.settings import Settings
-from streams.topics import DEAD_LETTER, INBOUND, PRODUCER_MAX_REQUEST_BYTES, RESOLVED, ensure_topics
+from streams.topics import DEAD_LETTER, INBOUND, PRODUCER_MAX_REQUEST_BYTES, RESOLVED, delete_topics, ensure_topics
 
 CHANNELS = ("web", "app", "pos")
 

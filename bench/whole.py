@@ -75,7 +75,6 @@ from bench.common import (
     cpu_seconds,
     create_topics,
     delete_groups,
-    delete_topics,
     faust_env,
     gauge,
     group_state,
@@ -99,7 +98,7 @@ from bench.pipeline import Row as PipelineRow
 from streamcdp.generate import DEFAULT_GAP_MS, generate_events, send_events
 from streams.metrics import LATENCY_BUCKETS
 from streams.settings import Settings
-from streams.topics import INBOUND, PRODUCER_MAX_REQUEST_BYTES, RESOLVED, SEGMENT_CHANGES, ensure_topics
+from streams.topics import INBOUND, PRODUCER_MAX_REQUEST_BYTES, RESOLVED, SEGMENT_CHANGES, delete_topics, ensure_topics
 
 # The targets, for the worker with the segments (one process).
 TARGET_VS_RAW = 0.25

@@ -21,14 +21,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from agents.profiles.store import lookup_profile, read_profile
-from streams.topics import DEAD_LETTER, RESOLVED
+from streams.topics import DEAD_LETTER, RESOLVED, delete_topics
 from tests.conftest import unique
 from tests.integration.transport_support import (
     HarnessWorker,
     assert_outputs_once_per_event,
     create_topics,
     dead_letters_from,
-    delete_topics,
     make_traffic,
     private_producer,
     metric,

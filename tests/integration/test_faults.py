@@ -59,7 +59,7 @@ from streams.records import Record
 from streams.redis_client import connect_hot_path
 from streams.segment_definitions import publish
 from streams.settings import Settings
-from streams.topics import EVENTS_APP, EVENTS_POS, EVENTS_WEB, INBOUND, SEGMENT_CHANGES, all_topics, ensure_topics
+from streams.topics import EVENTS_APP, EVENTS_POS, EVENTS_WEB, INBOUND, SEGMENT_CHANGES, all_topics, delete_topics, ensure_topics
 from tests.conftest import identify, track, unique
 from tests.integration.conftest import ROOT, CollectorProcess, http_get
 from tests.integration.private_infra import PrivateKafka, PrivateRedis
@@ -68,7 +68,6 @@ from tests.integration.transport_support import (
     HarnessWorker,
     committed_offsets,
     create_topics,
-    delete_topics,
     end_offsets,
     metric,
     settings_for,

@@ -25,7 +25,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from streams.topics import DEAD_LETTER, RESOLVED
+from streams.topics import DEAD_LETTER, RESOLVED, delete_topics
 from tests.conftest import unique
 from tests.integration.transport_support import (
     HarnessWorker,
@@ -33,7 +33,6 @@ from tests.integration.transport_support import (
     assert_outputs_once_per_event,
     create_topics,
     dead_letters_from,
-    delete_topics,
     make_traffic,
     private_producer,
     metric,

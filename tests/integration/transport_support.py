@@ -99,18 +99,6 @@ async def create_topics(settings: Settings, prefix: str, partitions: int = 4) ->
         await admin.close()
 
 
-async def delete_topics(settings: Settings, names: Iterable[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers())
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        doomed = [n for n in names if n in existing]
-        if doomed:
-            await admin.delete_topics(doomed)
-    finally:
-        await admin.close()
-
-
 async def end_offsets(settings: Settings, topics: list[str]) -> dict[TopicPartition, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers(), enable_auto_commit=False)
     await consumer.start()
