@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.profiles.model import CONSENT_PREFIX
+from agents.profiles.model import CONSENT_PREFIX, MAX_PURPOSE, valid_purpose
 from schemas.errors import ConfigError
 from streams.config_files import load_document
 
@@ -34,7 +34,6 @@ TOPIC_PREFIX = "cdp.activations."
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # as a segment's destinations list allows
 _FORMS = ("clear", "sha256")
 _KEYS = ("purposes", "unknown_consent", "identifiers", "traits", "description")
-_MAX_PURPOSE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +124,8 @@ def _destination(name: object, options: object, at: str) -> Destination:
     if not isinstance(purposes, list) or not purposes:
         raise ConfigError(f"{at}.purposes: name the consent purpose(s) this destination needs, e.g. [marketing]")
     for purpose in purposes:
-        if not isinstance(purpose, str) or not purpose.strip() or len(purpose) > _MAX_PURPOSE or "|" in purpose:
-            raise ConfigError(f"{at}.purposes: {purpose!r} is not a purpose name (1-{_MAX_PURPOSE} characters, no '|')")
+        if not isinstance(purpose, str) or not purpose.strip() or not valid_purpose(purpose.strip()):
+            raise ConfigError(f"{at}.purposes: {purpose!r} is not a purpose name (1-{MAX_PURPOSE} printable characters, no '|')")
     unknown_consent = options.get("unknown_consent", "deny")
     if unknown_consent not in ("deny", "allow"):
         raise ConfigError(f"{at}.unknown_consent: expected deny or allow, got {unknown_consent!r}")

@@ -32,7 +32,7 @@ DEFAULT_PATH = Path(__file__).resolve().parents[2] / "config" / "profile.yaml"
 # Consent per purpose lives beside the traits, under names no trait can have
 # (trait names may not start with "$"), so it follows the same latest-wins rule.
 CONSENT_PREFIX = "$consent."
-_MAX_PURPOSE = 64
+MAX_PURPOSE = 64
 _MAX_HISTORY = 1000
 
 
@@ -112,7 +112,7 @@ class ProfileModel:
             preferences = consent.get("categoryPreferences")
             if isinstance(preferences, dict):
                 for purpose, granted in preferences.items():
-                    if isinstance(granted, bool) and _valid_purpose(purpose):
+                    if isinstance(granted, bool) and valid_purpose(purpose):
                         found[purpose] = granted
         return list(found.items())
 
@@ -148,14 +148,15 @@ def _consent_traits(raw: object, at: str) -> tuple[tuple[str, str], ...]:
         raise ConfigError(f"{at}.traits: expected identify trait name → consent purpose, e.g. {{email_opt_in: marketing}}")
     out = []
     for trait, purpose in traits.items():
-        if not isinstance(trait, str) or not trait or not isinstance(purpose, str) or not _valid_purpose(purpose):
-            raise ConfigError(f"{at}.traits.{trait}: expected a purpose name (1-{_MAX_PURPOSE} printable characters, no '|')")
+        if not isinstance(trait, str) or not trait or not isinstance(purpose, str) or not valid_purpose(purpose):
+            raise ConfigError(f"{at}.traits.{trait}: expected a purpose name (1-{MAX_PURPOSE} printable characters, no '|')")
         out.append((trait, purpose))
     return tuple(out)
 
 
-def _valid_purpose(purpose: str) -> bool:
-    return 0 < len(purpose) <= _MAX_PURPOSE and purpose.isprintable() and "|" not in purpose
+def valid_purpose(purpose: str) -> bool:
+    """A consent purpose name an event can record (and a destination can need)."""
+    return 0 < len(purpose) <= MAX_PURPOSE and purpose.isprintable() and "|" not in purpose
 
 
 def unflatten(fields: Mapping[str, tuple[int, object]]) -> dict:
