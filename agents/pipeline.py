@@ -397,7 +397,7 @@ class Pipeline:
             return await self.segments.after_apply(accepted, profile_of, replies, now_ms)
         except (RedisConnectionError, RedisTimeoutError, TimeoutError, NoScriptError, OSError) as exc:
             if isinstance(exc, NoScriptError):
-                self._scripts.clear()
+                self.forget_scripts()
             self.metrics.redis_errors.labels("segments").inc()
             log.warning("segment step failed (%s: %s); recovering from the records", type(exc).__name__, exc)
         return await self._redis("segments", self.segments.recover, accepted, profile_of, replies, now_ms)
