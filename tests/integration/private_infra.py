@@ -181,7 +181,11 @@ class PrivateKafka(_Process):
     def _format(self) -> None:
         # A KRaft cluster id is 16 random bytes in URL-safe base64 without padding
         # (what `StorageTool random-uuid` prints); made here to spare a JVM start.
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # Like Kafka's Uuid.randomUuid, never one starting with "-": the tool's
+        # argument parser would take it for an option (1 run in 64 failed so).
+        cluster_id = "-"
+        while cluster_id.startswith("-"):
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         done = subprocess.run(
             self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.properties)),
             cwd=self.directory, capture_output=True, text=True, timeout=120,
